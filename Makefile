@@ -1,0 +1,46 @@
+# voxaffect — `make run` sets up and serves; `make test` sets up and runs every test tier CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, so nothing pulls a different build. On this CI machine pip takes the CPU build
+# from local disk; elsewhere PyPI's 2.13.0 (CUDA on Linux). CPU-only elsewhere:
+#   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+MODEL ?= iic/emotion2vec_plus_large
+PYTEST_ARGS ?=
+
+.PHONY: setup system run demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+system:  ## OS packages the tests use (espeak-ng, sox, chromium, prometheus, redis); needs root
+	scripts/setup-system.sh
+
+run: setup  ## serve the real model (downloaded on first use) on 127.0.0.1:5000
+	$(BIN)/voxaffect serve --model $(MODEL) $(ARGS)
+
+demo: setup  ## serve a RANDOM-WEIGHT model (no download); the page says so
+	test -d models/tiny || $(BIN)/voxaffect random-model models/tiny --size tiny
+	$(BIN)/voxaffect serve --model models/tiny $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check engine server tests bench
+	$(BIN)/ruff format --check engine server tests bench
+	$(BIN)/mypy
+
+test: system setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup  ## not part of CI: full-size random checkpoint, then the engine benchmark
+	test -d models/large || $(BIN)/voxaffect random-model models/large --size large
+	$(BIN)/python -m bench.engine --model models/large
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,4 @@
+"""voxaffect's engine: audio in, analysed windows out. Plain Python over numpy and torch."""
+
+SAMPLE_RATE = 16_000
+"""Every stage after decoding works on mono float32 audio at this rate."""

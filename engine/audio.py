@@ -1,0 +1,194 @@
+"""Decode client audio chunks and files into mono float32 at 16 kHz.
+
+Encodings: ``pcm_s16le``, ``pcm_f32le``, ``mulaw``, ``alaw`` (G.711, decoded by libsndfile) and
+``wav`` (a whole RIFF file in one chunk). Any rate from 8 to 48 kHz is resampled with soxr, keeping
+the resampler's state across chunks so a stream resamples exactly as one long signal would.
+Every problem with the input raises :class:`AudioFormatError`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from engine import SAMPLE_RATE
+
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw", "wav")
+MIN_RATE = 8_000
+MAX_RATE = 48_000
+MAX_CHANNELS = 8
+
+_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+_G711_SUBTYPE = {"mulaw": "ULAW", "alaw": "ALAW"}
+
+
+class AudioFormatError(ValueError):
+    """Audio that cannot be decoded. ``code`` is the protocol error code to report."""
+
+    def __init__(self, message: str, code: str = "INVALID_AUDIO") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """What a stream's chunks hold; validated on construction."""
+
+    encoding: str = "pcm_s16le"
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.encoding not in ENCODINGS:
+            raise AudioFormatError(
+                f"unsupported encoding {self.encoding!r}; use one of {', '.join(ENCODINGS)}",
+                code="UNSUPPORTED_ENCODING",
+            )
+        _check_rate(self.sample_rate)
+        if (
+            isinstance(self.channels, bool)
+            or not isinstance(self.channels, int)
+            or not 1 <= self.channels <= MAX_CHANNELS
+        ):
+            raise AudioFormatError(f"channels must be 1 to {MAX_CHANNELS}, got {self.channels!r}")
+
+
+def _check_rate(rate: object) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioFormatError(
+            f"sample rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}"
+        )
+
+
+def decode_chunk(data: bytes, fmt: AudioFormat) -> tuple[np.ndarray, int]:
+    """Decode one chunk to float32 of shape (frames, channels) and return it with its rate."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise AudioFormatError(f"audio must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise AudioFormatError("empty audio chunk")
+    if fmt.encoding == "wav":
+        return _decode_wav(data)
+    frame_bytes = _BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
+    if len(data) % frame_bytes:
+        raise AudioFormatError(
+            f"{len(data)} bytes is not a whole number of {fmt.encoding} frames "
+            f"({frame_bytes} bytes each for {fmt.channels} channel(s))"
+        )
+    if fmt.encoding == "pcm_s16le":
+        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    elif fmt.encoding == "pcm_f32le":
+        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        _check_finite(samples)
+    else:
+        samples, _ = sf.read(
+            io.BytesIO(data),
+            format="RAW",
+            subtype=_G711_SUBTYPE[fmt.encoding],
+            samplerate=fmt.sample_rate,
+            channels=fmt.channels,
+            dtype="float32",
+            always_2d=True,
+        )
+        return samples, fmt.sample_rate
+    return samples.reshape(-1, fmt.channels), fmt.sample_rate
+
+
+def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+    if data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+        raise AudioFormatError("a wav chunk must be a whole RIFF/WAVE file, header included")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioFormatError(f"unreadable wav chunk: {exc}") from exc
+    _check_rate(rate)
+    if samples.shape[0] == 0:
+        raise AudioFormatError("wav chunk holds no samples")
+    if samples.shape[1] > MAX_CHANNELS:
+        raise AudioFormatError(f"wav chunk has {samples.shape[1]} channels; at most {MAX_CHANNELS}")
+    _check_finite(samples)
+    return samples, int(rate)
+
+
+def _check_finite(samples: np.ndarray) -> None:
+    if not np.isfinite(samples).all():
+        raise AudioFormatError("audio holds NaN or infinite samples")
+
+
+def downmix(samples: np.ndarray) -> np.ndarray:
+    """(frames, channels) -> (frames,) float32, averaging the channels."""
+    if samples.shape[1] == 1:
+        return np.ascontiguousarray(samples[:, 0], dtype=np.float32)
+    return samples.mean(axis=1, dtype=np.float32)
+
+
+class StreamDecoder:
+    """Per-stream decoder: chunks in any supported format -> mono float32 at 16 kHz.
+
+    The resampler keeps its filter state between chunks; ``flush()`` returns its tail at the end.
+    """
+
+    def __init__(self, fmt: AudioFormat) -> None:
+        self.format = fmt
+        self.input_seconds = 0.0
+        self._rate = 0
+        self._resampler: soxr.ResampleStream | None = None
+
+    def feed(self, data: bytes) -> np.ndarray:
+        samples, rate = decode_chunk(data, self.format)
+        self.input_seconds += samples.shape[0] / rate
+        mono = downmix(samples)
+        if rate == SAMPLE_RATE:
+            return mono
+        if rate != self._rate:
+            # A wav chunk may declare a new rate; the old resampler's tail belongs to the old rate.
+            self._rate = rate
+            self._resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32")
+        assert self._resampler is not None
+        return np.asarray(self._resampler.resample_chunk(mono), dtype=np.float32)
+
+    def flush(self) -> np.ndarray:
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = np.asarray(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        self._resampler = None
+        self._rate = 0
+        return tail.astype(np.float32)
+
+
+def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a whole mono signal (soxr, high quality)."""
+    if rate == target:
+        return samples.astype(np.float32, copy=False)
+    return np.asarray(soxr.resample(samples, rate, target), dtype=np.float32)
+
+
+def load_file(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """Read a WAV/FLAC/OGG/MP3 file (path or bytes) -> (mono float32 at 16 kHz, original rate).
+
+    libsndfile reads all four; librosa (audioread) is tried for anything it cannot.
+    """
+    handle: str | io.BytesIO = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+        mono = downmix(samples)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        if isinstance(source, bytes):
+            raise AudioFormatError(f"unreadable audio file: {exc}") from exc
+        try:
+            import librosa
+
+            mono, rate = librosa.load(str(source), sr=None, mono=True)
+        except Exception as exc2:  # audioread raises several unrelated types
+            raise AudioFormatError(f"unreadable audio file {source}: {exc2}") from exc2
+    if mono.size == 0:
+        raise AudioFormatError("audio file holds no samples")
+    _check_finite(mono)
+    if not MIN_RATE <= rate <= 192_000:
+        raise AudioFormatError(f"file sample rate {rate} Hz is out of range")
+    return resample(mono.astype(np.float32), int(rate)), int(rate)

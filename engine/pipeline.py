@@ -1,0 +1,349 @@
+"""One stream's path from audio chunks to analysed windows, and whole-file analysis on top of it.
+
+``StreamPipeline`` holds a stream's state — decoder, ring buffer, VAD gate, window scheduler and
+stress scorer — and does no inference itself: ``feed`` returns the windows that came due, the
+caller gets their emotion probabilities (directly, or through the batcher) and ``complete`` turns
+probabilities plus the window's prosody into a :class:`FrameResult`. ``analyze`` runs a whole
+signal through the same pipeline.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine import SAMPLE_RATE
+from engine.audio import AudioFormat, StreamDecoder
+from engine.prosody import Prosody, measure
+from engine.ring_buffer import RingBuffer
+from engine.stress import StressResult, StressScorer
+from engine.vad import VadEvent, VadGate
+from engine.windowing import WindowPlan, WindowScheduler
+
+MIN_FINAL_WINDOW_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    window_s: float = 2.0
+    hop_s: float = 1.0
+    min_speech_ratio: float = 0.3
+    vad_aggressiveness: int = 2
+    vad_frame_ms: int = 30
+    buffer_s: float = 10.0
+    baseline_windows: int = 5
+    stress_smoothing: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.25 <= self.window_s <= 30.0:
+            raise ValueError(f"window_s must be within 0.25-30 s, got {self.window_s}")
+        if not 0.1 <= self.hop_s <= self.window_s:
+            raise ValueError(f"hop_s must be within 0.1 s and window_s, got {self.hop_s}")
+        if self.buffer_s < self.window_s + self.hop_s:
+            raise ValueError(
+                f"buffer_s ({self.buffer_s}) must hold at least window_s + hop_s "
+                f"({self.window_s + self.hop_s})"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "window_s": self.window_s,
+            "hop_s": self.hop_s,
+            "min_speech_ratio": self.min_speech_ratio,
+            "vad_aggressiveness": self.vad_aggressiveness,
+            "vad_frame_ms": self.vad_frame_ms,
+            "buffer_s": self.buffer_s,
+            "baseline_windows": self.baseline_windows,
+        }
+
+
+@dataclass(slots=True)
+class Window:
+    """A span of the stream sent to the model; positions in samples from stream start."""
+
+    start: int
+    end: int
+    samples: np.ndarray
+    speech_ratio: float
+    final: bool = False
+
+    @property
+    def start_s(self) -> float:
+        return self.start / SAMPLE_RATE
+
+    @property
+    def end_s(self) -> float:
+        return self.end / SAMPLE_RATE
+
+
+@dataclass(slots=True)
+class Fed:
+    """What one ``feed`` or ``finish`` produced."""
+
+    windows: list[Window] = field(default_factory=list)
+    vad_events: list[VadEvent] = field(default_factory=list)
+    skipped_silence: int = 0
+
+
+@dataclass(slots=True)
+class FrameResult:
+    start_s: float
+    end_s: float
+    emotion: str
+    confidence: float
+    scores: dict[str, float]
+    stress: StressResult
+    speech_ratio: float
+    device: str
+    fallback_reason: str | None = None
+    narrowband: bool = False
+    embedding: np.ndarray | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "start_s": round(self.start_s, 3),
+            "end_s": round(self.end_s, 3),
+            "emotion": self.emotion,
+            "confidence": round(self.confidence, 4),
+            "scores": {k: round(v, 4) for k, v in self.scores.items()},
+            "stress": self.stress.as_dict(),
+            "speech_ratio": round(self.speech_ratio, 3),
+            "device": self.device,
+        }
+        if self.fallback_reason:
+            out["fallback_reason"] = self.fallback_reason
+        if self.narrowband:
+            out["narrowband"] = True
+        if self.embedding is not None:
+            out["embedding"] = [round(float(v), 5) for v in self.embedding]
+        return out
+
+
+class Summary:
+    """Running totals of a timeline: emotion mix, stress mean and peaks. Memory stays flat."""
+
+    PEAKS = 5
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.windows = 0
+        self._scores = np.zeros(len(labels))
+        self._dominant = dict.fromkeys(labels, 0)
+        self._stress_sum = 0.0
+        self._stress_max = 0.0
+        self._peaks: list[tuple[float, float, float]] = []  # heap of (index, start_s, end_s)
+
+    def add(self, result: FrameResult) -> None:
+        self.windows += 1
+        self._scores += [result.scores[label] for label in self.labels]
+        self._dominant[result.emotion] += 1
+        index = result.stress.index
+        self._stress_sum += index
+        self._stress_max = max(self._stress_max, index)
+        item = (index, result.start_s, result.end_s)
+        if len(self._peaks) < self.PEAKS:
+            heapq.heappush(self._peaks, item)
+        else:
+            heapq.heappushpop(self._peaks, item)
+
+    def as_dict(self) -> dict[str, Any]:
+        n = max(self.windows, 1)
+        mix = {
+            label: round(float(s / n), 4)
+            for label, s in zip(self.labels, self._scores, strict=True)
+        }
+        peaks = sorted(self._peaks, key=lambda p: p[1])
+        return {
+            "windows": self.windows,
+            "emotion_mix": mix,
+            "dominant_emotion": max(mix, key=mix.__getitem__) if self.windows else None,
+            "windows_by_emotion": {k: v for k, v in self._dominant.items() if v},
+            "stress": {
+                "mean": round(self._stress_sum / n, 1) if self.windows else None,
+                "max": round(self._stress_max, 1) if self.windows else None,
+                "peaks": [{"start_s": s, "end_s": e, "index": i} for i, s, e in peaks],
+            },
+        }
+
+
+class StreamPipeline:
+    """Decoder, ring buffer, VAD, window scheduler and stress scorer of one stream (one track)."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        fmt: AudioFormat | None = None,
+        *,
+        labels: tuple[str, ...],
+        narrowband: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.format = fmt or AudioFormat()
+        self.labels = labels
+        self.narrowband = (
+            self.format.sample_rate < SAMPLE_RATE if narrowband is None else narrowband
+        )
+        self._decoder = StreamDecoder(self.format)
+        self._ring = RingBuffer(int(config.buffer_s * SAMPLE_RATE))
+        self._vad = VadGate(
+            frame_ms=config.vad_frame_ms,
+            aggressiveness=config.vad_aggressiveness,
+            capacity_s=config.buffer_s,
+        )
+        self._scheduler = WindowScheduler(
+            window_s=config.window_s, hop_s=config.hop_s, min_speech_ratio=config.min_speech_ratio
+        )
+        self.scorer = StressScorer(
+            baseline_windows=config.baseline_windows,
+            smoothing=config.stress_smoothing,
+            narrowband=self.narrowband,
+        )
+        self.summary = Summary(labels)
+        self.skipped_silence = 0
+        self.finished = False
+
+    @property
+    def audio_s(self) -> float:
+        return self._ring.end / SAMPLE_RATE
+
+    @property
+    def speech_s(self) -> float:
+        return self._vad.speech_frames * self._vad.frame_samples / SAMPLE_RATE
+
+    @property
+    def in_speech(self) -> bool:
+        return self._vad.in_speech
+
+    def feed(self, data: bytes) -> Fed:
+        """Decode a chunk in the stream's format and advance the stream."""
+        return self.feed_samples(self._decoder.feed(data))
+
+    def feed_samples(self, samples: np.ndarray) -> Fed:
+        """Advance the stream by mono float32 samples at 16 kHz."""
+        if self.finished:
+            raise RuntimeError("the stream has finished")
+        self._ring.write(samples)
+        fed = Fed(vad_events=self._vad.process(samples))
+        due = self._scheduler.due(self._ring.end, self._vad)
+        fed.windows = [self._window(plan) for plan in due.windows]
+        fed.skipped_silence = due.skipped_silence
+        self.skipped_silence += due.skipped_silence
+        return fed
+
+    def finish(self) -> Fed:
+        """End of stream: the resampler's tail, then a final window if speech is uncovered."""
+        fed = self.feed_samples(self._decoder.flush())
+        self.finished = True
+        plan = self._scheduler.finish(self._ring.end, self._vad)
+        if plan is not None and plan.end - plan.start >= MIN_FINAL_WINDOW_S * SAMPLE_RATE:
+            fed.windows.append(self._window(plan))
+        return fed
+
+    def _window(self, plan: WindowPlan) -> Window:
+        return Window(
+            plan.start,
+            plan.end,
+            self._ring.read(plan.start, plan.end),
+            plan.speech_ratio,
+            plan.final,
+        )
+
+    def measure(self, window: Window) -> Prosody:
+        return measure(window.samples, narrowband=self.narrowband)
+
+    def complete(
+        self,
+        window: Window,
+        probs: np.ndarray,
+        prosody: Prosody,
+        *,
+        device: str,
+        fallback_reason: str | None = None,
+        embedding: np.ndarray | None = None,
+    ) -> FrameResult:
+        """Combine a window's probabilities and prosody into its result; windows in stream order."""
+        scores = {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
+        best = max(scores, key=scores.__getitem__)
+        result = FrameResult(
+            start_s=window.start_s,
+            end_s=window.end_s,
+            emotion=best,
+            confidence=scores[best],
+            scores=scores,
+            stress=self.scorer.update(prosody, scores, window.speech_ratio),
+            speech_ratio=window.speech_ratio,
+            device=device,
+            fallback_reason=fallback_reason,
+            narrowband=self.narrowband,
+            embedding=embedding,
+        )
+        self.summary.add(result)
+        return result
+
+    def summary_dict(self) -> dict[str, Any]:
+        out = self.summary.as_dict()
+        out.update(
+            duration_s=round(self.audio_s, 3),
+            speech_s=round(self.speech_s, 3),
+            skipped_silence=self.skipped_silence,
+        )
+        return out
+
+
+def chunks(samples: np.ndarray, chunk_s: float = 0.1) -> Iterator[np.ndarray]:
+    step = max(1, int(chunk_s * SAMPLE_RATE))
+    for start in range(0, samples.shape[0], step):
+        yield samples[start : start + step]
+
+
+def analyze(
+    samples: np.ndarray,
+    model: Any,
+    config: PipelineConfig | None = None,
+    *,
+    narrowband: bool = False,
+    embeddings: bool = False,
+    max_batch: int = 8,
+) -> dict[str, Any]:
+    """Timeline of a whole mono 16 kHz signal: the live pipeline, fed in 100 ms chunks.
+
+    ``model`` is anything with ``labels``, ``device``, ``describe()`` and ``predict`` (an
+    :class:`engine.model.EmotionModel`).
+    """
+    config = config or PipelineConfig()
+    pipeline = StreamPipeline(config, labels=tuple(model.labels), narrowband=narrowband)
+    windows: list[Window] = []
+    for chunk in chunks(samples):
+        windows.extend(pipeline.feed_samples(chunk).windows)
+    windows.extend(pipeline.finish().windows)
+
+    probs: dict[int, np.ndarray] = {}
+    embs: dict[int, np.ndarray | None] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_length.setdefault(w.samples.shape[0], []).append(i)
+    for indices in by_length.values():
+        for at in range(0, len(indices), max_batch):
+            part = indices[at : at + max_batch]
+            prediction = model.predict(
+                np.stack([windows[i].samples for i in part]), embeddings=embeddings
+            )
+            for j, i in enumerate(part):
+                probs[i] = prediction.probs[j]
+                embs[i] = None if prediction.embeddings is None else prediction.embeddings[j]
+    frames = [
+        pipeline.complete(
+            w, probs[i], pipeline.measure(w), device=model.device, embedding=embs[i]
+        ).as_dict()
+        for i, w in enumerate(windows)
+    ]
+    return {
+        "model": model.describe(),
+        "config": config.as_dict(),
+        "frames": frames,
+        "summary": pipeline.summary_dict(),
+    }

@@ -1,0 +1,177 @@
+"""The ``voxaffect`` command: serve, stream, analyze, random-model, download.
+
+``serve`` monkey-patches eventlet before anything else is imported, so this module imports only
+the standard library at the top; each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+RANDOM_WEIGHTS_BANNER = (
+    "WARNING: this model has RANDOM WEIGHTS (made by `voxaffect random-model`). "
+    "Its labels are noise, not emotions."
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, env: bool = False) -> None:
+    def default(name: str, value: str) -> str:
+        return os.environ.get(f"VOXAFFECT_{name}", value) if env else value
+
+    p.add_argument(
+        "--model",
+        default=default("MODEL", "iic/emotion2vec_plus_large"),
+        help="checkpoint directory or hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--hub",
+        default=default("HUB", "auto"),
+        choices=("auto", "ms", "hf"),
+        help="hub for a model id: ModelScope (ms) or Hugging Face (hf)",
+    )
+    p.add_argument(
+        "--device",
+        default=default("DEVICE", "auto"),
+        help="auto, cpu or cuda[:N] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=default("DTYPE", "auto"),
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        help="auto = fp16 on CUDA, fp32 on CPU; int8 is the fast CPU path",
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _pipeline_config(args: argparse.Namespace) -> Any:
+    from engine.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        window_s=args.window_s,
+        hop_s=args.hop_s,
+        min_speech_ratio=args.min_speech_ratio,
+        buffer_s=max(10.0, args.window_s + args.hop_s),
+    )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from engine.audio import AudioFormatError, load_file
+    from engine.model import ModelLoadError, load_model
+    from engine.pipeline import analyze
+
+    try:
+        config = _pipeline_config(args)
+        samples, rate = load_file(args.file)
+        model = load_model(
+            args.model, device=args.device, dtype=args.dtype, hub=args.hub, threads=args.threads
+        )
+    except (AudioFormatError, ModelLoadError, ValueError) as exc:
+        print(f"voxaffect analyze: {exc}", file=sys.stderr)
+        return 2
+    timeline = analyze(samples, model, config, narrowband=rate < 16000, embeddings=args.embeddings)
+    timeline["file"] = str(args.file)
+    if timeline["model"].get("random_weights"):
+        timeline["warning"] = RANDOM_WEIGHTS_BANNER
+    if args.json:
+        json.dump(timeline, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    print(format_timeline(timeline))
+    return 0
+
+
+def format_timeline(timeline: dict[str, Any]) -> str:
+    lines = []
+    model = timeline["model"]
+    if model.get("random_weights"):
+        lines.append(RANDOM_WEIGHTS_BANNER)
+    lines.append(f"model {model['source']} on {model['device']} ({model['dtype']})")
+    lines.append(f"{'start':>7} {'end':>7}  {'emotion':<10} {'conf':>5}  {'stress':>6} level")
+    for f in timeline["frames"]:
+        s = f["stress"]
+        lines.append(
+            f"{f['start_s']:7.2f} {f['end_s']:7.2f}  {f['emotion']:<10} {f['confidence']:5.2f}  "
+            f"{s['index']:6.1f} {s['level']}{' (calibrating)' if s['calibrating'] else ''}"
+        )
+    summary = timeline["summary"]
+    lines.append(
+        f"{summary['windows']} windows over {summary['duration_s']:.1f} s "
+        f"({summary['speech_s']:.1f} s speech, {summary['skipped_silence']} silent windows skipped)"
+    )
+    if summary["windows"]:
+        lines.append(
+            f"dominant emotion {summary['dominant_emotion']}; "
+            f"stress mean {summary['stress']['mean']}, max {summary['stress']['max']}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_random_model(args: argparse.Namespace) -> int:
+    from engine.checkpoint import write_random_checkpoint
+
+    out = write_random_checkpoint(args.dir, args.size, seed=args.seed)
+    print(f"wrote a random-weight {args.size} checkpoint to {out} (outputs are not emotions)")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    import shutil
+
+    from engine.model import ModelLoadError, resolve_checkpoint
+
+    try:
+        cached = resolve_checkpoint(args.model_id, args.hub)
+    except ModelLoadError as exc:
+        print(f"voxaffect download: {exc}", file=sys.stderr)
+        return 2
+    if args.dir:
+        shutil.copytree(cached, args.dir, dirs_exist_ok=True)
+        print(args.dir)
+    else:
+        print(cached)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxaffect", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="analyse an audio file and print its timeline")
+    p.add_argument("file")
+    _add_model_args(p)
+    p.add_argument("--window-s", type=float, default=2.0)
+    p.add_argument("--hop-s", type=float, default=1.0)
+    p.add_argument("--min-speech-ratio", type=float, default=0.3)
+    p.add_argument("--embeddings", action="store_true", help="include utterance embeddings")
+    p.add_argument("--json", action="store_true", help="print the timeline as JSON")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("random-model", help="write a random-weight checkpoint (tests, benchmarks)")
+    p.add_argument("dir")
+    p.add_argument("--size", choices=("tiny", "large"), default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_random_model)
+
+    p = sub.add_parser("download", help="fetch a model into the hub cache (and copy it to DIR)")
+    p.add_argument("model_id", nargs="?", default="iic/emotion2vec_plus_large")
+    p.add_argument("dir", nargs="?")
+    p.add_argument("--hub", default="auto", choices=("auto", "ms", "hf"))
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `voxaffect analyze ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import PLUS_TOKENS, write_random_checkpoint
+from engine.model import ModelLoadError, english_label, load_model
+from tests.speech import speech
+
+pytestmark = pytest.mark.unit
+
+LABELS = (
+    "angry",
+    "disgusted",
+    "fearful",
+    "happy",
+    "neutral",
+    "other",
+    "sad",
+    "surprised",
+    "unknown",
+)
+
+
+@pytest.fixture(scope="module")
+def funasr_generate(tiny_model_dir):
+    """FunASR's own per-clip path, the reference the engine must reproduce."""
+    from engine.model import _quiet_funasr, import_funasr
+
+    import_funasr()
+    from funasr import AutoModel
+
+    with _quiet_funasr():
+        auto = AutoModel(
+            model=str(tiny_model_dir),
+            device="cpu",
+            ncpu=2,
+            disable_update=True,
+            disable_log=True,
+            log_level="ERROR",
+        )
+
+    def generate(window: np.ndarray) -> tuple[list[str], np.ndarray]:
+        with _quiet_funasr():
+            res = auto.generate(
+                window, granularity="utterance", extract_embedding=False, disable_pbar=True
+            )[0]
+        return res["labels"], np.array(res["scores"])
+
+    return generate
+
+
+def windows(n: int = 3, seconds: float = 2.0) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((n, int(seconds * 16000))) * 0.1).astype(np.float32)
+    s = speech()[: x.shape[1]]
+    x[0, : s.size] = s
+    return x
+
+
+def test_labels_are_the_nine_english_names(tiny_model):
+    assert tiny_model.labels == LABELS
+    assert [english_label(t) for t in PLUS_TOKENS] == list(LABELS)
+
+
+def test_batched_predict_matches_funasr_generate_per_window(tiny_model, funasr_generate):
+    x = windows(4)
+    batch = tiny_model.predict(x).probs
+    for i in range(x.shape[0]):
+        labels, ref = funasr_generate(x[i])
+        assert [english_label(t) for t in labels] == list(LABELS)
+        assert np.abs(batch[i] - ref).max() < 1e-4
+    np.testing.assert_allclose(batch.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_window_gives_the_same_answer_alone_or_in_a_batch(tiny_model):
+    x = windows(3)
+    alone = tiny_model.predict(x[1:2]).probs[0]
+    np.testing.assert_allclose(tiny_model.predict(x).probs[1], alone, atol=1e-6)
+
+
+def test_short_tail_windows_work_and_embeddings_are_optional(tiny_model):
+    x = windows(2, seconds=0.7)
+    p = tiny_model.predict(x, embeddings=True)
+    assert p.probs.shape == (2, 9)
+    assert p.embeddings is not None and p.embeddings.shape == (2, 64)
+    assert tiny_model.predict(x).embeddings is None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
+def test_reduced_precision_stays_close_to_fp32(tiny_model_dir, tiny_model, dtype):
+    from engine.model import cpu_supports
+
+    if not cpu_supports(dtype):
+        pytest.skip(f"this CPU has no fast {dtype}")
+    model = load_model(str(tiny_model_dir), device="cpu", dtype=dtype, threads=2)
+    x = windows(3)
+    drift = np.abs(model.predict(x).probs - tiny_model.predict(x).probs).max()
+    assert drift < 0.01
+    assert model.describe()["dtype"] == dtype
+
+
+def test_bad_inputs_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="at least"):
+        tiny_model.predict(np.zeros((1, 100), np.float32))
+    with pytest.raises(ValueError, match="batch, samples"):
+        tiny_model.predict(np.zeros((0, 32000), np.float32))
+
+
+def test_random_weights_are_declared(tiny_model):
+    assert tiny_model.describe()["random_weights"] is True
+
+
+@pytest.mark.parametrize("missing", ["model.pt", "tokens.txt", "config.yaml"])
+def test_an_incomplete_directory_fails_clearly(tmp_path, tiny_model_dir, missing):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, d)
+    (d / missing).unlink()
+    with pytest.raises(ModelLoadError, match=f"missing {missing}"):
+        load_model(str(d), device="cpu")
+
+
+def test_weights_that_do_not_fit_the_config_fail(tmp_path, tiny_model_dir):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, d)
+    state = torch.load(d / "model.pt", weights_only=True)
+    del state["d2v_model.blocks.1.mlp.fc2.weight"]
+    torch.save(state, d / "model.pt")
+    with pytest.raises(ModelLoadError, match="lacks 1 of the model's weights"):
+        load_model(str(d), device="cpu")
+
+
+def test_a_hub_id_offline_fails_fast_with_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr("engine.model._reachable", lambda host, timeout_s=3.0: False)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"cannot be reached.*--model DIR"):
+        load_model("iic/emotion2vec_plus_large", device="cpu")
+    assert time.monotonic() - started < 10
+
+
+def test_impossible_device_and_dtype_choices_fail(tiny_model_dir):
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA"):
+            load_model(str(tiny_model_dir), device="cuda")
+    with pytest.raises(ModelLoadError, match="dtype must be"):
+        load_model(str(tiny_model_dir), dtype="fp8")
+
+
+def test_random_checkpoint_sizes(tmp_path):
+    from engine.checkpoint import model_config
+
+    large = model_config("large")["model_conf"]
+    assert (large["embed_dim"], large["num_heads"], large["depth"]) == (1024, 16, 8)
+    assert large["modalities"]["audio"]["prenet_depth"] == 4
+    with pytest.raises(ValueError):
+        write_random_checkpoint(tmp_path / "x", "huge")

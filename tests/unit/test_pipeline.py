@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from engine.audio import AudioFormat
+from engine.pipeline import PipelineConfig, StreamPipeline, analyze
+from tests.speech import noise, silence, speech, to_pcm16
+
+pytestmark = pytest.mark.unit
+LABELS = (
+    "angry",
+    "disgusted",
+    "fearful",
+    "happy",
+    "neutral",
+    "other",
+    "sad",
+    "surprised",
+    "unknown",
+)
+
+
+def test_file_timeline_has_file_times_labels_and_summary(tiny_model):
+    s = speech()
+    audio = np.concatenate([silence(3.0), s, silence(3.0)])
+    timeline = analyze(audio, tiny_model)
+    frames = timeline["frames"]
+    assert frames, "speech must produce windows"
+    assert frames[0]["start_s"] >= 1.0  # the leading silence is skipped
+    assert frames[-1]["end_s"] <= audio.size / 16000
+    for f in frames:
+        assert f["end_s"] - f["start_s"] == pytest.approx(2.0)
+        assert set(f["scores"]) == set(LABELS)
+        assert f["emotion"] == max(f["scores"], key=f["scores"].get)
+        assert 0 <= f["stress"]["index"] <= 100
+        assert f["device"] == "cpu"
+        assert f["speech_ratio"] >= 0.3
+    summary = timeline["summary"]
+    assert summary["windows"] == len(frames)
+    assert summary["skipped_silence"] >= 4
+    assert summary["duration_s"] == pytest.approx(audio.size / 16000, abs=0.01)
+    assert sum(summary["emotion_mix"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert timeline["model"]["random_weights"] is True
+
+
+def test_noise_and_silence_never_reach_the_model(tiny_model):
+    calls = []
+
+    class Counting:
+        labels, device = tiny_model.labels, "cpu"
+
+        def describe(self):
+            return {}
+
+        def predict(self, windows, *, embeddings=False):
+            calls.append(windows.shape[0])
+            return tiny_model.predict(windows)
+
+    audio = np.concatenate([silence(3.0), noise(3.0, "white", 0.1), noise(3.0, "pink", 0.1)])
+    timeline = analyze(audio, Counting())
+    assert calls == [] and timeline["frames"] == []
+    assert timeline["summary"]["skipped_silence"] == 8
+
+
+def test_streaming_pcm_chunks_gives_the_same_windows_as_the_file(tiny_model):
+    audio = np.concatenate([silence(0.5), speech(), silence(0.5)])
+    config = PipelineConfig()
+    pipe = StreamPipeline(config, AudioFormat("pcm_s16le", 16000, 1), labels=tiny_model.labels)
+    pcm = to_pcm16(audio)
+    spans = []
+    for i in range(0, len(pcm), 3200):  # 100 ms chunks
+        spans += [(w.start_s, w.end_s) for w in pipe.feed(pcm[i : i + 3200]).windows]
+    spans += [(w.start_s, w.end_s) for w in pipe.finish().windows]
+    file_spans = [(f["start_s"], f["end_s"]) for f in analyze(audio, tiny_model, config)["frames"]]
+    assert spans == file_spans
+
+
+def test_an_8khz_stream_is_narrowband(tiny_model):
+    pipe = StreamPipeline(PipelineConfig(), AudioFormat("mulaw", 8000, 1), labels=tiny_model.labels)
+    assert pipe.narrowband and pipe.scorer.narrowband
+
+
+def test_cli_analyze_prints_json_with_a_random_weight_warning(tmp_path, tiny_model_dir):
+    path = tmp_path / "talk.wav"
+    sf.write(path, np.concatenate([silence(0.5), speech(), silence(0.5)]), 16000, subtype="PCM_16")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "analyze",
+            str(path),
+            "--model",
+            str(tiny_model_dir),
+            "--json",
+            "--window-s",
+            "1.5",
+            "--hop-s",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    timeline = json.loads(out.stdout)
+    assert "RANDOM WEIGHTS" in timeline["warning"]
+    assert timeline["frames"][0]["end_s"] - timeline["frames"][0]["start_s"] == pytest.approx(1.5)
+    assert {
+        "start_s",
+        "end_s",
+        "emotion",
+        "confidence",
+        "scores",
+        "stress",
+        "speech_ratio",
+        "device",
+    } <= set(timeline["frames"][0])
+    text = subprocess.run(
+        [sys.executable, "-m", "server.cli", "analyze", str(path), "--model", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert text.startswith("WARNING: this model has RANDOM WEIGHTS")
+
+
+def test_cli_analyze_reports_bad_input_without_a_traceback(tmp_path, tiny_model_dir):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio")
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "analyze", str(bad), "--model", str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "unreadable" in out.stderr and "Traceback" not in out.stderr
