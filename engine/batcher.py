@@ -14,11 +14,17 @@ bypassed for ``cooldown_s``, then probed again with the next batch (a circuit br
 
 ``offload`` runs the blocking predict call; the default calls it directly. A server running
 under eventlet passes ``eventlet.tpool.execute`` so the model runs on a native thread.
+
+On the CPU, ``lanes`` > 1 splits a batch into that many parts predicted at once, each with
+``cores / lanes`` torch threads: two single-threaded lanes on two cores outrun one two-threaded
+call, because much of the model is memory-bound element-wise work that scales poorly across
+threads of one op (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -143,9 +149,15 @@ class InferenceBatcher:
         cooldown_s: float = 30.0,
         offload: Offload | None = None,
         observer: BatchObserver | None = None,
+        lanes: int = 1,
+        cpu_threads: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, got {lanes}")
+        self.lanes = lanes
+        self.cpu_threads = cpu_threads or os.cpu_count() or 1
         self.primary = primary
         self.fallback = fallback
         self.max_batch = max_batch
@@ -254,13 +266,50 @@ class InferenceBatcher:
                 )
             )
 
+    def _call(
+        self, model: Predictor, windows: np.ndarray, embeddings: bool, lanes: int
+    ) -> Prediction:
+        threads = max(1, self.cpu_threads // lanes)
+
+        def run() -> Prediction:
+            if model.device == "cpu":
+                torch.set_num_threads(threads)  # per OS thread: the thread offload runs this on
+            return model.predict(windows, embeddings=embeddings)
+
+        return self._offload(run)
+
+    def _predict(self, model: Predictor, windows: np.ndarray, embeddings: bool) -> Prediction:
+        """``model.predict``, split across lanes when it runs on the CPU."""
+        lanes = min(self.lanes, windows.shape[0]) if model.device == "cpu" else 1
+        if lanes == 1:
+            return self._call(model, windows, embeddings, 1)
+        parts = np.array_split(windows, lanes)
+        results: list[Any] = [None] * lanes
+
+        def run(i: int) -> None:
+            try:
+                results[i] = self._call(model, parts[i], embeddings, lanes)
+            except BaseException as exc:  # re-raised on the worker below
+                results[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(1, lanes)]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        embs = [r.embeddings for r in results]
+        return Prediction(
+            probs=np.concatenate([r.probs for r in results]),
+            embeddings=None if any(e is None for e in embs) else np.concatenate(embs),
+        )
+
     def _infer(self, windows: np.ndarray, embeddings: bool) -> tuple[Prediction, str, str | None]:
         if self.fallback is None:
-            return (
-                self._offload(self.primary.predict, windows, embeddings=embeddings),
-                (self.primary.device),
-                None,
-            )
+            return self._predict(self.primary, windows, embeddings), self.primary.device, None
         if not self.breaker.allow():
             reason = "circuit_open"
         elif self._primary_busy:
@@ -279,7 +328,7 @@ class InferenceBatcher:
                     extra={"reason": reason, "cause": repr(failed.cause)},
                 )
         self._observer.fallback(reason)
-        prediction = self._offload(self.fallback.predict, windows, embeddings=embeddings)
+        prediction = self._predict(self.fallback, windows, embeddings)
         return prediction, self.fallback.device, reason
 
     def _call_primary(self, windows: np.ndarray, embeddings: bool) -> Prediction:
@@ -288,9 +337,7 @@ class InferenceBatcher:
 
         def run() -> None:
             try:
-                box["prediction"] = self._offload(
-                    self.primary.predict, windows, embeddings=embeddings
-                )
+                box["prediction"] = self._call(self.primary, windows, embeddings, 1)
             except BaseException as exc:  # reported to the worker, which falls back
                 box["error"] = exc
             finally:

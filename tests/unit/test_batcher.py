@@ -210,3 +210,23 @@ def test_circuit_breaker_states():
     now[0] = 20.0
     breaker.success()
     assert breaker.state == "closed" and breaker.failures == 0
+
+
+def test_cpu_lanes_split_a_batch_and_keep_its_order():
+    model = FakeModel(delay_s=0.05)
+    batcher = InferenceBatcher(model, max_batch=4, max_wait_ms=100, lanes=2, cpu_threads=2)
+    futures = [batcher.submit(window(i / 10)) for i in range(4)]
+    assert [round(float(f.result(timeout=5).probs[0]), 2) for f in futures] == [0.0, 0.1, 0.2, 0.3]
+    assert model.batches == [2, 2]
+    assert len(set(model.threads)) == 2  # the two halves ran on different threads
+    batcher.close()
+
+
+def test_a_failing_lane_fails_the_whole_batch():
+    model = FakeModel(error=RuntimeError("lane broke"))
+    batcher = InferenceBatcher(model, max_batch=4, max_wait_ms=100, lanes=2)
+    futures = [batcher.submit(window(0.1)) for _ in range(4)]
+    for f in futures:
+        with pytest.raises(RuntimeError, match="lane broke"):
+            f.result(timeout=5)
+    batcher.close()
