@@ -56,7 +56,7 @@ class BatchObserver(Protocol):
 
     def fallback(self, reason: str) -> None: ...
 
-    def queue_depth(self, depth: int) -> None: ...
+    def queue_changed(self, depth: int) -> None: ...
 
 
 class _NoObserver:
@@ -66,7 +66,7 @@ class _NoObserver:
     def fallback(self, reason: str) -> None:
         pass
 
-    def queue_depth(self, depth: int) -> None:
+    def queue_changed(self, depth: int) -> None:
         pass
 
 
@@ -182,7 +182,7 @@ class InferenceBatcher:
             future.set_exception(RuntimeError("the inference batcher is closed"))
             return future
         self._queue.put(_Request(window, embeddings, future, time.perf_counter()))
-        self._observer.queue_depth(self._queue.qsize())
+        self._observer.queue_changed(self._queue.qsize())
         return future
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -199,7 +199,7 @@ class InferenceBatcher:
                 break
             batch = [first]
             stop = self._collect(batch)
-            self._observer.queue_depth(self._queue.qsize())
+            self._observer.queue_changed(self._queue.qsize())
             groups: dict[int, list[_Request]] = {}
             for request in batch:
                 groups.setdefault(request.window.shape[0], []).append(request)

@@ -300,6 +300,41 @@ def chunks(samples: np.ndarray, chunk_s: float = 0.1) -> Iterator[np.ndarray]:
         yield samples[start : start + step]
 
 
+def plan_file(
+    samples: np.ndarray,
+    labels: tuple[str, ...],
+    config: PipelineConfig | None = None,
+    *,
+    narrowband: bool = False,
+) -> tuple[StreamPipeline, list[Window]]:
+    """Run a whole mono 16 kHz signal through the live pipeline in 100 ms chunks: its windows."""
+    pipeline = StreamPipeline(config or PipelineConfig(), labels=labels, narrowband=narrowband)
+    windows: list[Window] = []
+    for chunk in chunks(samples):
+        windows.extend(pipeline.feed_samples(chunk).windows)
+    windows.extend(pipeline.finish().windows)
+    return pipeline, windows
+
+
+def complete_file(
+    pipeline: StreamPipeline,
+    windows: list[Window],
+    answers: list[tuple[np.ndarray, str, np.ndarray | None]],
+    model_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The timeline from each window's (probabilities, device, embedding), in window order."""
+    frames = [
+        pipeline.complete(w, probs, pipeline.measure(w), device=device, embedding=emb).as_dict()
+        for w, (probs, device, emb) in zip(windows, answers, strict=True)
+    ]
+    return {
+        "model": model_info,
+        "config": pipeline.config.as_dict(),
+        "frames": frames,
+        "summary": pipeline.summary_dict(),
+    }
+
+
 def analyze(
     samples: np.ndarray,
     model: Any,
@@ -309,41 +344,18 @@ def analyze(
     embeddings: bool = False,
     max_batch: int = 8,
 ) -> dict[str, Any]:
-    """Timeline of a whole mono 16 kHz signal: the live pipeline, fed in 100 ms chunks.
-
-    ``model`` is anything with ``labels``, ``device``, ``describe()`` and ``predict`` (an
-    :class:`engine.model.EmotionModel`).
-    """
-    config = config or PipelineConfig()
-    pipeline = StreamPipeline(config, labels=tuple(model.labels), narrowband=narrowband)
-    windows: list[Window] = []
-    for chunk in chunks(samples):
-        windows.extend(pipeline.feed_samples(chunk).windows)
-    windows.extend(pipeline.finish().windows)
-
-    probs: dict[int, np.ndarray] = {}
-    embs: dict[int, np.ndarray | None] = {}
+    """Timeline of a whole mono 16 kHz signal with ``model`` (an :class:`EmotionModel`)."""
+    pipeline, windows = plan_file(samples, tuple(model.labels), config, narrowband=narrowband)
+    answers: list[Any] = [None] * len(windows)
     by_length: dict[int, list[int]] = {}
     for i, w in enumerate(windows):
         by_length.setdefault(w.samples.shape[0], []).append(i)
-    for indices in by_length.values():
+    for indices in by_length.values():  # equal lengths stack exactly
         for at in range(0, len(indices), max_batch):
             part = indices[at : at + max_batch]
-            prediction = model.predict(
-                np.stack([windows[i].samples for i in part]), embeddings=embeddings
-            )
+            batch = np.stack([windows[i].samples for i in part])
+            prediction = model.predict(batch, embeddings=embeddings)
             for j, i in enumerate(part):
-                probs[i] = prediction.probs[j]
-                embs[i] = None if prediction.embeddings is None else prediction.embeddings[j]
-    frames = [
-        pipeline.complete(
-            w, probs[i], pipeline.measure(w), device=model.device, embedding=embs[i]
-        ).as_dict()
-        for i, w in enumerate(windows)
-    ]
-    return {
-        "model": model.describe(),
-        "config": config.as_dict(),
-        "frames": frames,
-        "summary": pipeline.summary_dict(),
-    }
+                emb = None if prediction.embeddings is None else prediction.embeddings[j]
+                answers[i] = (prediction.probs[j], model.device, emb)
+    return complete_file(pipeline, windows, answers, model.describe())

@@ -136,6 +136,54 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    from engine.audio import AudioFormatError
+    from server.client import ServerError, stream_file
+
+    def show(result: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+            return
+        s = result["stress"]
+        warn = "  [random weights]" if result.get("random_weights") else ""
+        print(
+            f"#{result['seq']:<4} {result['start_s']:7.2f}-{result['end_s']:7.2f}s  "
+            f"{result['emotion']:<10} {result['confidence']:.2f}  stress {s['index']:5.1f} "
+            f"{s['level']:<9} {result['latency_ms']:6.0f} ms{warn}",
+            flush=True,
+        )
+
+    def problem(error: dict[str, Any]) -> None:
+        print(f"server error {error.get('code')}: {error.get('message')}", file=sys.stderr)
+
+    try:
+        _, summary = stream_file(
+            args.file,
+            args.url,
+            speed=args.speed,
+            token=args.token,
+            on_result=show,
+            on_error=problem,
+        )
+    except (AudioFormatError, ServerError, TimeoutError, OSError) as exc:
+        print(f"voxaffect stream: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # socketio.exceptions.ConnectionError and friends
+        print(f"voxaffect stream: cannot stream to {args.url}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"summary": summary}, ensure_ascii=False))
+    else:
+        if summary.get("random_weights"):
+            print(RANDOM_WEIGHTS_BANNER)
+        print(
+            f"session {summary['session_id']}: {summary['results']} results, "
+            f"dominant {summary.get('dominant_emotion')}, stress mean "
+            f"{summary.get('stress', {}).get('mean')}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxaffect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", action="store_true", help="include utterance embeddings")
     p.add_argument("--json", action="store_true", help="print the timeline as JSON")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("stream", help="stream a file to a server and print results as they come")
+    p.add_argument("file")
+    p.add_argument("--url", default=os.environ.get("VOXAFFECT_URL", "http://127.0.0.1:5000"))
+    p.add_argument("--speed", type=float, default=1.0, help="times real time (default 1)")
+    p.add_argument("--token", default=os.environ.get("VOXAFFECT_TOKEN"), help="API token")
+    p.add_argument("--json", action="store_true", help="one JSON result per line")
+    p.set_defaults(func=cmd_stream)
+
+    sub.add_parser("serve", help="run the server (see `voxaffect serve --help`)", add_help=False)
 
     p = sub.add_parser("random-model", help="write a random-weight checkpoint (tests, benchmarks)")
     p.add_argument("dir")
@@ -164,7 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def serve(argv: list[str]) -> int:
+    """Monkey-patch eventlet before anything else imports threading or sockets."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message=r"\s*Eventlet is deprecated"  # EventletDeprecationWarning(Warning)
+    )
+    import eventlet
+
+    eventlet.monkey_patch()
+    from server.app import serve as run
+    from server.settings import parse
+
+    try:
+        settings = parse(argv)
+    except ValueError as exc:
+        print(f"voxaffect serve: {exc}", file=sys.stderr)
+        return 2
+    from engine.model import ModelLoadError
+
+    try:
+        run(settings)
+    except ModelLoadError as exc:
+        print(f"voxaffect serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

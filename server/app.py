@@ -1,0 +1,120 @@
+"""The Flask + Flask-SocketIO application: ``create_app(settings)`` and ``serve(settings)``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, send_from_directory
+from flask_socketio import SocketIO
+
+from server import api, events
+from server.concurrency import eventlet_active
+from server.service import Service
+from server.settings import Settings
+from server.streaming import Streams
+
+log = logging.getLogger(__name__)
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class _Formatter(logging.Formatter):
+    """``time level logger: message key=value ...`` with the record's ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return line
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for noisy in ("engineio", "socketio", "werkzeug", "eventlet.wsgi"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def create_app(
+    settings: Settings, service: Service | None = None
+) -> tuple[Flask, SocketIO, Service]:
+    service = service or Service.load(settings)
+    static = Path(settings.static_dir)
+    app = Flask(__name__, static_folder=str(static), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    socketio = SocketIO(
+        app,
+        async_mode="eventlet" if eventlet_active() else "threading",
+        # None = same origin only. Never pass an empty list: python-engineio treats it as
+        # "no check at all".
+        cors_allowed_origins=list(settings.cors_origins) or None,
+        # Engine.IO drops a connection whose message exceeds this; keep it above the chunk
+        # limit so an oversized chunk gets a PAYLOAD_TOO_LARGE error instead.
+        max_http_buffer_size=settings.max_chunk_bytes * 2 + 65_536,
+        message_queue=settings.message_queue or None,
+        logger=False,
+        engineio_logger=False,
+    )
+    streams = Streams(
+        registry=service.registry,
+        batcher=service.batcher,
+        store=service.store,
+        metrics=service.metrics,
+        model_info=service.model_info,
+        emit=socketio.emit,
+        spawn=socketio.start_background_task,
+        sleep=socketio.sleep,
+    )
+    service.streams = streams
+    events.register(socketio, settings, streams)
+    app.register_blueprint(api.blueprint(service))
+
+    @app.get("/")
+    def index() -> Response:
+        return send_from_directory(static, "index.html")
+
+    @app.get("/monitor")
+    def monitor() -> Response:
+        return send_from_directory(static, "monitor.html")
+
+    def housekeeping() -> None:
+        while True:
+            socketio.sleep(1.0)
+            try:
+                streams.reap(settings.resume_ttl_s, settings.idle_timeout_s)
+            except Exception:
+                log.exception("reaping sessions failed")
+
+    socketio.start_background_task(housekeeping)
+    return app, socketio, service
+
+
+def serve(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    log.info("loading model (the port opens once it is ready)", extra={"model": settings.model})
+    service = Service.load(settings)
+    app, socketio, service = create_app(settings, service)
+
+    def stop(signum: int, _: Any) -> None:
+        log.info("stopping: ending sessions", extra={"signal": signum})
+        service.ready = False
+        streams = service.streams
+        assert streams is not None
+        for session in service.registry.all():
+            streams.end(session, "server stopping")
+        deadline = time.monotonic() + 5.0
+        while len(service.registry) and time.monotonic() < deadline:
+            socketio.sleep(0.05)
+        service.close()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
+    socketio.run(app, host=settings.host, port=settings.port, log_output=False)

@@ -1,0 +1,41 @@
+"""Where the server's blocking work runs, so the eventlet hub never waits on it.
+
+The entry point monkey-patches eventlet; from then on ``threading`` and ``queue`` are green.
+CPU-bound calls (decoding, VAD, prosody, the model through the batcher) go through ``offload``,
+which runs them on eventlet's pool of native threads (``tpool``). The store's writer needs a
+native thread, queue and lock of its own: ``native("threading")`` and ``native("queue")`` give
+the unpatched modules. Without eventlet (tests, scripts) all of this is plain calls and threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+
+def eventlet_active() -> bool:
+    try:
+        import eventlet.patcher
+    except ImportError:
+        return False
+    return bool(eventlet.patcher.is_monkey_patched("thread"))
+
+
+def offload(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on a native thread and wait for it without blocking the hub."""
+    if eventlet_active():
+        from eventlet import tpool
+
+        return tpool.execute(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def native(name: str) -> ModuleType:
+    """The unpatched standard module ``name`` (``threading``, ``queue``, ``time``)."""
+    if eventlet_active():
+        import eventlet.patcher
+
+        return eventlet.patcher.original(name)
+    return importlib.import_module(name)

@@ -1,0 +1,153 @@
+"""Prometheus metrics, all prefixed ``voxaffect_``, on a registry of their own.
+
+Counters end in ``_total`` and durations in ``_seconds``; no label carries a session id. Known
+label values are created up front so dashboards show zeros rather than gaps. GPU gauges exist only
+when a CUDA device does (absent, not zero, without one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from server.protocol import ERROR_CODES
+
+disable_created_metrics()  # *_created series only clutter the exposition
+
+log = logging.getLogger(__name__)
+
+FALLBACK_REASONS = ("timeout", "oom", "error", "circuit_open", "busy")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, labels: tuple[str, ...] = (), registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "voxaffect_"
+        self.inference_seconds = Histogram(
+            p + "inference_seconds",
+            "Model time per batch",
+            ["device"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            p + "end_to_end_seconds",
+            "Audio received to result emitted, per window",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inferences = Counter(
+            p + "inferences", "Windows inferred", ["device", "outcome"], registry=r
+        )
+        self.batch_size = Histogram(
+            p + "batch_size", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32), registry=r
+        )
+        self.queue_depth = Gauge(p + "queue_depth", "Windows waiting for the model", registry=r)
+        self.fallbacks = Counter(
+            p + "fallbacks", "Batches recomputed on the CPU", ["reason"], registry=r
+        )
+        self.windows_skipped = Counter(
+            p + "windows_skipped", "Due windows not analysed", ["reason"], registry=r
+        )
+        self.audio_seconds = Counter(
+            p + "audio_received_seconds", "Seconds of audio received", ["source"], registry=r
+        )
+        self.active_sessions = Gauge(p + "active_sessions", "Open sessions", ["source"], registry=r)
+        self.connections = Gauge(p + "connections", "Connected clients", ["transport"], registry=r)
+        self.errors = Counter(p + "errors", "Errors reported to clients", ["code"], registry=r)
+        self.emotion_results = Counter(
+            p + "emotion_results", "Results by top emotion", ["emotion"], registry=r
+        )
+        self.stress_index = Histogram(
+            p + "stress_index",
+            "Stress index of each result",
+            buckets=(10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100),
+            registry=r,
+        )
+        self.telephony_events = Counter(
+            p + "telephony_events", "Telephony stream messages", ["protocol", "kind"], registry=r
+        )
+        self.ready = Gauge(p + "ready", "1 when the model is loaded and serving", registry=r)
+        self.model_info = Info(p + "model", "The loaded model", registry=r)
+        self.gpu_utilization: Gauge | None = None
+        self.gpu_memory_used: Gauge | None = None
+        self.gpu_memory_total: Gauge | None = None
+
+        for device in ("cpu", "cuda"):
+            self.inference_seconds.labels(device)
+            for outcome in ("ok", "fallback", "error"):
+                self.inferences.labels(device, outcome)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
+        for reason in ("silence", "busy"):
+            self.windows_skipped.labels(reason)
+        for code in ERROR_CODES:
+            self.errors.labels(code)
+        for label in labels:
+            self.emotion_results.labels(label)
+        for source in ("socketio", "twilio", "audiofork"):
+            self.audio_seconds.labels(source)
+            self.active_sessions.labels(source)
+        for transport in ("socketio", "telephony"):
+            self.connections.labels(transport)
+
+    def enable_gpu(self) -> None:
+        r = self.registry
+        self.gpu_utilization = Gauge(
+            "voxaffect_gpu_utilization_ratio", "GPU busy share (NVML)", ["gpu"], registry=r
+        )
+        self.gpu_memory_used = Gauge(
+            "voxaffect_gpu_memory_used_bytes", "GPU memory in use", ["gpu"], registry=r
+        )
+        self.gpu_memory_total = Gauge(
+            "voxaffect_gpu_memory_total_bytes", "GPU memory size", ["gpu"], registry=r
+        )
+
+    def sample_gpu(self) -> None:
+        """Read every GPU's utilisation and memory (NVML, else torch's CUDA API)."""
+        if self.gpu_utilization is None:
+            return
+        import torch
+
+        for i in range(torch.cuda.device_count()):
+            gpu = str(i)
+            with contextlib.suppress(Exception):  # no NVML: utilisation unknown, memory still read
+                self.gpu_utilization.labels(gpu).set(torch.cuda.utilization(i) / 100.0)
+            free, total = torch.cuda.mem_get_info(i)
+            assert self.gpu_memory_used is not None and self.gpu_memory_total is not None
+            self.gpu_memory_used.labels(gpu).set(total - free)
+            self.gpu_memory_total.labels(gpu).set(total)
+
+    # --- engine.batcher.BatchObserver ---------------------------------------------------------
+
+    def batch_done(self, device: str, size: int, seconds: float, outcome: str) -> None:
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        if outcome != "error":
+            self.inference_seconds.labels(kind).observe(seconds)
+            self.batch_size.observe(size)
+        self.inferences.labels(kind, outcome).inc(size)
+
+    def fallback(self, reason: str) -> None:
+        self.fallbacks.labels(reason).inc()
+
+    def queue_changed(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def describe_model(self, info: dict[str, Any]) -> None:
+        self.model_info.info({k: str(v) for k, v in info.items() if k != "labels"})

@@ -1,0 +1,146 @@
+"""The Socket.IO protocol's payloads, validated once at the edge, and its error codes.
+
+Every malformed message becomes a :class:`ProtocolError` with a code from ``ERROR_CODES`` and a
+message that names the bad value; the handlers turn it into an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import soundfile as sf
+
+from engine.audio import AudioFormat, AudioFormatError
+
+ERROR_CODES = (
+    "INVALID_MESSAGE",  # not an object, a missing or mistyped field
+    "INVALID_AUDIO",
+    "UNSUPPORTED_ENCODING",
+    "PAYLOAD_TOO_LARGE",
+    "UNKNOWN_SESSION",
+    "RATE_LIMITED",
+    "SESSION_LIMIT",
+    "UNAUTHORIZED",
+    "INFERENCE_TIMEOUT",
+    "INFERENCE_FAILED",
+)
+_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, session_id: str | None = None) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.session_id = session_id
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.session_id:
+            out["session_id"] = self.session_id
+        return out
+
+
+def _object(data: Any, event: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ProtocolError(
+            "INVALID_MESSAGE", f"{event} takes a JSON object, got {type(data).__name__}"
+        )
+    return data
+
+
+def session_id_of(data: Any, event: str, *, required: bool = True) -> str | None:
+    value = _object(data, event).get("session_id")
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not _SESSION_ID.match(value):
+        raise ProtocolError(
+            "INVALID_MESSAGE",
+            f"{event} needs session_id: 1-128 letters, digits or ._:- (got {value!r})",
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class StartSession:
+    session_id: str | None
+    format: AudioFormat
+    resume_token: str | None
+    since_seq: int
+    embeddings: bool
+
+
+def parse_start(data: Any) -> StartSession:
+    data = _object(data if data is not None else {}, "start_session")
+    session_id = session_id_of(data, "start_session", required=False)
+    token = data.get("resume_token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError("INVALID_MESSAGE", "resume_token must be a string")
+    since = data.get("since_seq", 0)
+    if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise ProtocolError(
+            "INVALID_MESSAGE", f"since_seq must be a whole number >= 0, got {since!r}"
+        )
+    options = data.get("options") or {}
+    if not isinstance(options, dict):
+        raise ProtocolError("INVALID_MESSAGE", "options must be an object")
+    rate = data.get("sample_rate", 16000)
+    encoding = data.get("encoding", "pcm_s16le")
+    channels = data.get("channels", 1)
+    if not isinstance(encoding, str):
+        raise ProtocolError("UNSUPPORTED_ENCODING", f"encoding must be a string, got {encoding!r}")
+    try:
+        fmt = AudioFormat(encoding, rate, channels)
+    except AudioFormatError as exc:
+        raise ProtocolError(exc.code, str(exc)) from None
+    return StartSession(session_id, fmt, token, since, bool(options.get("embeddings", False)))
+
+
+def parse_chunk(data: Any, max_bytes: int) -> tuple[str, bytes]:
+    """(session_id, raw audio bytes) of an audio_stream message."""
+    data = _object(data, "audio_stream")
+    session_id = session_id_of(data, "audio_stream")
+    assert session_id is not None
+    chunk = data.get("chunk")
+    if isinstance(chunk, bytes | bytearray):
+        raw = bytes(chunk)
+    elif isinstance(chunk, str):
+        if len(chunk) > max_bytes * 4 // 3 + 4:
+            raise ProtocolError("PAYLOAD_TOO_LARGE", f"chunk exceeds {max_bytes} bytes", session_id)
+        try:
+            raw = base64.b64decode(chunk, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("INVALID_AUDIO", "chunk is not valid base64", session_id) from None
+    elif chunk is None:
+        raise ProtocolError("INVALID_MESSAGE", "audio_stream needs chunk", session_id)
+    else:
+        raise ProtocolError(
+            "INVALID_MESSAGE",
+            f"chunk must be base64 text or bytes, got {type(chunk).__name__}",
+            session_id,
+        )
+    if len(raw) > max_bytes:
+        raise ProtocolError(
+            "PAYLOAD_TOO_LARGE", f"chunk of {len(raw)} bytes exceeds {max_bytes}", session_id
+        )
+    if not raw:
+        raise ProtocolError("INVALID_AUDIO", "empty audio chunk", session_id)
+    return session_id, raw
+
+
+def chunk_seconds(data: bytes, fmt: AudioFormat) -> float:
+    """Audio duration of a chunk, from its size (or a wav chunk's header)."""
+    if fmt.encoding == "wav":
+        try:
+            info = sf.info(io.BytesIO(data))
+        except (sf.LibsndfileError, RuntimeError):
+            return 0.0  # decoding reports it
+        return float(info.frames) / info.samplerate if info.samplerate else 0.0
+    return len(data) / (_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels * fmt.sample_rate)

@@ -1,0 +1,196 @@
+"""The server's settings: one typed object, built once from CLI flags over ``VOXAFFECT_*`` env vars.
+
+Every field can be set as ``--flag-name`` on ``voxaffect serve`` or as ``VOXAFFECT_FIELD_NAME`` in
+the environment (a flag wins). ``Settings.from_sources`` validates everything at start, so nothing
+deeper in the code reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.pipeline import PipelineConfig
+
+ENV_PREFIX = "VOXAFFECT_"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def _tuple(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    # network
+    host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
+    port: int = field(default=5000, metadata={"help": "TCP port"})
+    api_tokens: tuple[str, ...] = field(
+        default=(), metadata={"help": "comma-separated tokens; empty = no authentication"}
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(), metadata={"help": "extra allowed browser origins; empty = same origin only"}
+    )
+    message_queue: str = field(
+        default="", metadata={"help": "redis:// URL shared by several server processes"}
+    )
+    # model and inference
+    model: str = field(
+        default="iic/emotion2vec_plus_large", metadata={"help": "checkpoint directory or hub id"}
+    )
+    hub: str = field(default="auto", metadata={"help": "auto, ms (ModelScope) or hf"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto, fp32, fp16, bf16 or int8 (CPU only)"}
+    )
+    cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
+    cpu_lanes: int = field(
+        default=2, metadata={"help": "concurrent CPU predict lanes per batch (see BENCHMARKS.md)"}
+    )
+    cpu_fallback: bool = field(
+        default=True, metadata={"help": "keep a CPU copy of the model for GPU timeouts and OOM"}
+    )
+    deadline_s: float = field(
+        default=1.0, metadata={"help": "seconds the GPU gets per batch before the CPU takes over"}
+    )
+    max_batch: int = field(default=8, metadata={"help": "windows per forward pass at most"})
+    max_wait_ms: float = field(default=10.0, metadata={"help": "how long a batch waits to fill"})
+    embeddings: bool = field(
+        default=False, metadata={"help": "include each window's embedding in results"}
+    )
+    # analysis
+    window_s: float = field(default=2.0, metadata={"help": "seconds of audio per analysed window"})
+    hop_s: float = field(default=1.0, metadata={"help": "seconds between window starts"})
+    min_speech_ratio: float = field(
+        default=0.3, metadata={"help": "share of a window that must be speech"}
+    )
+    vad_aggressiveness: int = field(default=2, metadata={"help": "webrtcvad mode 0-3"})
+    buffer_s: float = field(default=10.0, metadata={"help": "audio kept per session, seconds"})
+    baseline_windows: int = field(
+        default=5, metadata={"help": "windows of a speaker's first speech used as stress baseline"}
+    )
+    # sessions and limits
+    max_sessions: int = field(default=200, metadata={"help": "concurrent sessions at most"})
+    resume_ttl_s: float = field(
+        default=60.0, metadata={"help": "how long a disconnected session waits to be resumed"}
+    )
+    idle_timeout_s: float = field(
+        default=300.0, metadata={"help": "a session with no audio this long is closed"}
+    )
+    max_chunk_bytes: int = field(default=1_048_576, metadata={"help": "largest audio chunk"})
+    max_realtime_factor: float = field(
+        default=4.0, metadata={"help": "fastest accepted send rate, as a multiple of real time"}
+    )
+    results_kept: int = field(
+        default=600, metadata={"help": "results per session kept in memory for resume"}
+    )
+    max_upload_mb: float = field(default=50.0, metadata={"help": "POST /api/analyze size limit"})
+    # telephony
+    telephony_tracks: tuple[str, ...] = field(
+        default=("customer",),
+        metadata={"help": "call parties analysed: customer and/or agent (see README, EU AI Act)"},
+    )
+    # storage and ops
+    db: str = field(default="voxaffect.db", metadata={"help": "SQLite file for session timelines"})
+    static_dir: str = field(
+        default=str(PROJECT_DIR / "static"), metadata={"help": "directory of the web page"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if self.max_batch < 1 or self.cpu_lanes < 1 or self.max_sessions < 1:
+            raise ValueError("max_batch, cpu_lanes and max_sessions must be at least 1")
+        if self.deadline_s <= 0 or self.max_realtime_factor <= 0:
+            raise ValueError("deadline_s and max_realtime_factor must be positive")
+        bad = set(self.telephony_tracks) - {"customer", "agent"}
+        if bad:
+            raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
+        if "" in self.api_tokens:
+            raise ValueError("an API token cannot be empty")
+        self.pipeline_config()  # validates the analysis settings
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            window_s=self.window_s,
+            hop_s=self.hop_s,
+            min_speech_ratio=self.min_speech_ratio,
+            vad_aggressiveness=self.vad_aggressiveness,
+            buffer_s=self.buffer_s,
+            baseline_windows=self.baseline_windows,
+        )
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_tokens)
+
+    def public(self) -> dict[str, Any]:
+        """Settings safe to show (no tokens)."""
+        out = dataclasses.asdict(self)
+        out["api_tokens"] = len(self.api_tokens)
+        out.pop("message_queue")
+        return out
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
+            if f.type in ("bool", bool):
+                parser.add_argument(
+                    flag,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=help_text,
+                )
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+    @classmethod
+    def from_sources(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = getattr(args, f.name, None) if args is not None else None
+            if raw is None:
+                raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, f.type, raw)
+        return cls(**values)
+
+
+def _convert(name: str, kind: Any, raw: Any) -> Any:
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind in ("int", int):
+            return int(raw)
+        if kind in ("float", float):
+            return float(raw)
+        if kind in ("bool", bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a {kind}, got {raw!r}") from None
+    if kind in ("tuple[str, ...]",):
+        return _tuple(raw)
+    return raw
+
+
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="voxaffect serve")
+    Settings.add_arguments(parser)
+    return Settings.from_sources(parser.parse_args(argv), environ)
