@@ -321,11 +321,14 @@ def complete_file(
     windows: list[Window],
     answers: list[tuple[np.ndarray, str, np.ndarray | None]],
     model_info: dict[str, Any],
+    prosody: list[Prosody] | None = None,
 ) -> dict[str, Any]:
-    """The timeline from each window's (probabilities, device, embedding), in window order."""
+    """The timeline from each window's (probabilities, device, embedding), in window order;
+    ``prosody`` if already measured, else measured here."""
+    prosody = prosody or [pipeline.measure(w) for w in windows]
     frames = [
-        pipeline.complete(w, probs, pipeline.measure(w), device=device, embedding=emb).as_dict()
-        for w, (probs, device, emb) in zip(windows, answers, strict=True)
+        pipeline.complete(w, probs, p, device=device, embedding=emb).as_dict()
+        for w, (probs, device, emb), p in zip(windows, answers, prosody, strict=True)
     ]
     return {
         "model": model_info,

@@ -162,7 +162,9 @@ def blueprint(service: Service) -> Blueprint:
             service.metrics.errors.labels("INFERENCE_FAILED").inc()
             return _error(500, "INFERENCE_FAILED", f"inference failed: {exc}")
         answers = [(r.probs, r.device, r.embedding) for r in results]
-        timeline = offload(complete_file, pipeline, windows, answers, service.model_info)
+        narrowband = pipeline.narrowband
+        prosody = [service.measure(w.samples, narrowband) for w in windows]
+        timeline = offload(complete_file, pipeline, windows, answers, service.model_info, prosody)
         timeline["file"] = upload.filename
         return jsonify(timeline)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,6 +14,7 @@ from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
 from server import api, events
+from server.auth import origin_check
 from server.concurrency import eventlet_active
 from server.service import Service
 from server.settings import Settings
@@ -51,9 +53,9 @@ def create_app(
     socketio = SocketIO(
         app,
         async_mode="eventlet" if eventlet_active() else "threading",
-        # None = same origin only. Never pass an empty list: python-engineio treats it as
-        # "no check at all".
-        cors_allowed_origins=list(settings.cors_origins) or None,
+        # None = same origin only; with an allow-list, a check that keeps same origin too.
+        # Never pass an empty list: python-engineio treats it as "no check at all".
+        cors_allowed_origins=origin_check(settings) if settings.cors_origins else None,
         # Engine.IO drops a connection whose message exceeds this; keep it above the chunk
         # limit so an oversized chunk gets a PAYLOAD_TOO_LARGE error instead.
         max_http_buffer_size=settings.max_chunk_bytes * 2 + 65_536,
@@ -70,6 +72,7 @@ def create_app(
         emit=socketio.emit,
         spawn=socketio.start_background_task,
         sleep=socketio.sleep,
+        measure=service.measure,
     )
     service.streams = streams
     events.register(socketio, settings, streams)
@@ -101,18 +104,24 @@ def serve(settings: Settings) -> None:
     service = Service.load(settings)
     app, socketio, service = create_app(settings, service)
 
-    def stop(signum: int, _: Any) -> None:
-        log.info("stopping: ending sessions", extra={"signal": signum})
+    def shutdown() -> None:
         service.ready = False
         streams = service.streams
         assert streams is not None
         for session in service.registry.all():
-            streams.end(session, "server stopping")
+            streams.end(session, "server stopping")  # summaries stored
         deadline = time.monotonic() + 5.0
         while len(service.registry) and time.monotonic() < deadline:
             socketio.sleep(0.05)
         service.close()
-        sys.exit(0)
+        log.info("stopped")
+        logging.shutdown()
+        os._exit(0)  # the WSGI loop has no clean way out from a background task
+
+    def stop(signum: int, _: Any) -> None:
+        # Signal handlers run inside the hub's own loop, which must not block: hand over.
+        log.info("stopping: ending sessions", extra={"signal": signum})
+        socketio.start_background_task(shutdown)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -141,6 +141,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from server.client import ServerError, stream_file
 
     def show(result: dict[str, Any]) -> None:
+        try:
+            _show(result)
+        except BrokenPipeError:  # `voxaffect stream ... | head`: stop printing quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def _show(result: dict[str, Any]) -> None:
         if args.json:
             print(json.dumps(result, ensure_ascii=False), flush=True)
             return
@@ -227,7 +233,8 @@ def serve(argv: list[str]) -> int:
     import warnings
 
     warnings.filterwarnings(
-        "ignore", message=r"\s*Eventlet is deprecated"  # EventletDeprecationWarning(Warning)
+        "ignore",
+        message=r"\s*Eventlet is deprecated",  # EventletDeprecationWarning(Warning)
     )
     import eventlet
 

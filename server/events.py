@@ -58,8 +58,9 @@ def register(socketio: SocketIO, settings: Settings, streams: Streams) -> None:
         if settings.auth_required:
             if not token_ok(settings, token or request_token(request)):
                 metrics.errors.labels("UNAUTHORIZED").inc()
+                # The client's connect_error gets {"message": ..., "data": {"code": ...}}.
                 raise ConnectionRefusedError(
-                    {"code": "UNAUTHORIZED", "message": "a valid API token is required"}
+                    "a valid API token is required", {"code": "UNAUTHORIZED"}
                 )
             authorised.add(request.sid)  # type: ignore[attr-defined]
         metrics.connections.labels("socketio").inc()

@@ -12,10 +12,14 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from engine.batcher import InferenceBatcher, Predictor
 from engine.model import load_model
-from server.concurrency import offload
+from engine.prosody import Prosody, measure
+from server.concurrency import eventlet_active, offload
 from server.metrics import Metrics
+from server.prosody_pool import ProsodyPool
 from server.sessions import SessionRegistry
 from server.settings import Settings
 from server.store import Store
@@ -48,6 +52,8 @@ class Service:
             cpu_threads=settings.cpu_threads or os.cpu_count() or 1,
         )
         self.store = Store(settings.db)
+        # Under eventlet, Praat must run in other processes (it holds the GIL); else in-process.
+        self.prosody = ProsodyPool(settings.prosody_workers) if eventlet_active() else None
         self.registry = SessionRegistry(settings.max_sessions)
         self.streams: Streams | None = None  # set by create_app, which owns the Socket.IO server
         self.ready = True
@@ -83,8 +89,16 @@ class Service:
             )
         return cls(settings, model, fallback)
 
+    def measure(self, samples: np.ndarray, narrowband: bool) -> Prosody:
+        """A window's prosody without holding the hub (call from a greenthread)."""
+        if self.prosody is not None:
+            return self.prosody.measure(samples, narrowband)
+        return offload(measure, samples, narrowband=narrowband)
+
     def close(self) -> None:
         self.ready = False
         self.metrics.ready.set(0)
         self.batcher.close()
         self.store.close()
+        if self.prosody is not None:
+            self.prosody.close()

@@ -60,6 +60,9 @@ class Settings:
     )
     max_batch: int = field(default=8, metadata={"help": "windows per forward pass at most"})
     max_wait_ms: float = field(default=10.0, metadata={"help": "how long a batch waits to fill"})
+    prosody_workers: int = field(
+        default=1, metadata={"help": "processes measuring prosody (Praat holds the GIL)"}
+    )
     embeddings: bool = field(
         default=False, metadata={"help": "include each window's embedding in results"}
     )

@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from engine.audio import AudioFormatError
 from engine.batcher import InferenceBatcher
 from engine.pipeline import Window
+from engine.prosody import Prosody
 from server.concurrency import offload
 from server.metrics import Metrics
 from server.protocol import ProtocolError
@@ -44,6 +47,7 @@ class Streams:
         emit: Emit,
         spawn: Callable[..., Any],
         sleep: Callable[[float], None],
+        measure: Callable[[np.ndarray, bool], Prosody],
     ) -> None:
         self.registry = registry
         self.batcher = batcher
@@ -54,6 +58,7 @@ class Streams:
         self._emit = emit
         self._spawn = spawn
         self._sleep = sleep
+        self._measure = measure
 
     # --- called from handlers (on the hub) -----------------------------------------------------
 
@@ -150,7 +155,8 @@ class Streams:
     def _analyse(self, session: Session, track: Track, window: Window, received_at: float) -> None:
         try:
             future = self.batcher.submit(window.samples, embeddings=session.embeddings)
-            prosody = offload(track.pipeline.measure, window)  # runs while the model does
+            # Measured (in another process) while the model runs.
+            prosody = self._measure(window.samples, track.pipeline.narrowband)
             try:
                 inference = future.result(timeout=RESULT_TIMEOUT_S)
             except TimeoutError:

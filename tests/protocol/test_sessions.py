@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+import socketio
+
+from tests.harness import ServerProcess
+from tests.protocol.client import Recorder, wait_for
+from tests.protocol.conftest import TOKEN
+from tests.speech import silence, speech, to_pcm16
+
+pytestmark = pytest.mark.protocol
+
+
+def speech_pcm(repeat: int = 1) -> bytes:
+    return to_pcm16(np.concatenate([silence(0.3)] + [speech()] * repeat + [silence(0.3)]))
+
+
+def test_another_connection_can_neither_send_to_nor_hear_a_session(server):
+    owner, other = Recorder(server.url), Recorder(server.url)
+    sid = owner.start()["session_id"]
+    other_sid = other.start()["session_id"]
+    ack = other.call("end_session", {"session_id": sid})
+    assert ack["error"]["code"] == "UNAUTHORIZED"
+    other.send(sid, speech_pcm()[:3200])
+    wait_for(lambda: len(other.errors("UNAUTHORIZED")) >= 2, 10, "two UNAUTHORIZED errors")
+    owner.stream(sid, speech_pcm(), speed=4)
+    owner.end(sid)
+    assert owner.of("emotion_result")
+    assert [r for r in other.of("emotion_result") if r["session_id"] == sid] == []
+    # taking a session's id without its token is refused too
+    third = Recorder(server.url)
+    assert third.call("start_session", {"session_id": other_sid})["error"]["code"] == "UNAUTHORIZED"
+    for c in (owner, other, third):
+        c.close()
+
+
+def test_resume_after_a_drop_loses_and_duplicates_nothing(server):
+    first = Recorder(server.url)
+    ack = first.start()
+    sid, token = ack["session_id"], ack["resume_token"]
+    pcm = speech_pcm(repeat=2)  # ~15 s of audio
+    half = len(pcm) // 2 // 3200 * 3200
+    first.stream(sid, pcm[:half], speed=3.0)
+    got = wait_for(lambda: first.of("emotion_result"), 30, "results before the drop")
+    since = got[-1]["seq"]
+    first.close()  # the connection drops; the session carries on with what it has
+
+    second = Recorder(server.url)
+    resumed = second.start(resume_token=token, since_seq=since)
+    assert resumed["session_id"] == sid and resumed["resumed"] is True
+    second.stream(sid, pcm[half:], speed=3.0)
+    second.end(sid)
+    before = {r["seq"] for r in first.of("emotion_result") if r["seq"] <= since}
+    after = [r["seq"] for r in second.of("emotion_result")]
+    assert len(after) == len(set(after)), "no result twice"
+    assert min(after) == since + 1
+    assert sorted(before | set(after)) == list(range(1, max(after) + 1)), "none lost"
+    _status, stored = server.get(f"/api/sessions/{sid}")
+    assert [f["seq"] for f in stored["frames"]] == list(range(1, max(after) + 1))
+    second.close()
+
+
+def test_results_made_while_away_are_replayed_on_resume(slow_server):
+    """24 s windows take a few hundred ms: the client drops right after sending the audio."""
+    first = Recorder(slow_server.url)
+    ack = first.start()
+    sid, token = ack["session_id"], ack["resume_token"]
+    first.stream(sid, to_pcm16(np.concatenate([speech()] * 4)[: 25 * 16000]), speed=3.8)
+    first.sio.call("ping", {})  # every chunk has reached the server
+    first.close()
+    assert first.of("emotion_result") == []
+    stored = wait_for(
+        lambda: slow_server.get(f"/api/sessions/{sid}")[1]["frames"],
+        30,
+        "the result made while the client was away",
+    )
+    second = Recorder(slow_server.url)
+    resumed = second.start(resume_token=token, since_seq=0)
+    assert resumed["replayed"] == len(stored) == 1
+    second.end(sid)
+    seqs = [r["seq"] for r in second.of("emotion_result")]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert second.of("emotion_result")[0]["scores"] == stored[0]["scores"]
+    second.close()
+
+
+def test_a_bad_resume_token_is_refused(server):
+    client = Recorder(server.url)
+    ack = client.call("start_session", {"resume_token": "not-a-token"})
+    assert ack["error"]["code"] == "UNKNOWN_SESSION"
+    client.close()
+
+
+def test_at_most_one_window_in_flight_per_session_the_rest_are_skipped(server):
+    before = server.metric("voxaffect_windows_skipped_total", reason="busy")
+    client = Recorder(server.url)
+    sid = client.start()["session_id"]
+    pcm = to_pcm16(speech())[: int(16000 * 2 * 4.9)]
+    client.send(sid, pcm)  # 4.9 s in one chunk: three windows come due at once
+    client.end(sid)
+    results = client.of("emotion_result")
+    skipped = server.metric("voxaffect_windows_skipped_total", reason="busy") - before
+    assert skipped == 2
+    assert [(r["start_s"], r["end_s"]) for r in results] == [(0.0, 2.0), (2.9, 4.9)]
+    assert client.of("session_summary")[-1]["skipped_busy"] == skipped
+    client.close()
+
+
+def test_a_disconnected_session_expires_after_the_resume_ttl(strict_server):
+    client = Recorder(strict_server.url, token=TOKEN)
+    ack = client.start()
+    client.stream(ack["session_id"], speech_pcm(), speed=2)
+    client.close()
+    wait_for(
+        lambda: strict_server.get(f"/api/sessions/{ack['session_id']}", token=TOKEN)[1].get(
+            "summary"
+        ),
+        15,
+        "the expired session's stored summary",
+    )
+    _status, stored = strict_server.get(f"/api/sessions/{ack['session_id']}", token=TOKEN)
+    assert stored["summary"]["reason"] == "not resumed"
+    again = Recorder(strict_server.url, token=TOKEN)
+    assert (
+        again.call("start_session", {"resume_token": ack["resume_token"]})["error"]["code"]
+        == "UNKNOWN_SESSION"
+    )
+    again.close()
+
+
+def test_an_idle_session_is_closed(strict_server):
+    client = Recorder(strict_server.url, token=TOKEN)
+    sid = client.start()["session_id"]
+    summary = wait_for(lambda: client.of("session_summary"), 15, "the idle session's summary")[0]
+    assert summary["session_id"] == sid and summary["reason"] == "idle"
+    client.send(sid, b"\x00\x00" * 160)
+    wait_for(lambda: client.errors("UNKNOWN_SESSION"), 10, "UNKNOWN_SESSION after close")
+    client.close()
+
+
+def test_session_limit(strict_server):
+    clients = [Recorder(strict_server.url, token=TOKEN) for _ in range(4)]
+    acks = [c.call("start_session", {}) for c in clients]
+    assert [("error" in a) for a in acks].count(False) <= 3
+    refused = [a for a in acks if "error" in a]
+    assert refused and refused[0]["error"]["code"] == "SESSION_LIMIT"
+    assert clients[-1].errors("SESSION_LIMIT")
+    for c, a in zip(clients, acks, strict=True):
+        if "error" not in a:
+            c.call("end_session", {"session_id": a["session_id"]})
+        c.close()
+
+
+def refusal(url: str, token: str | None) -> object:
+    """What the server says when it refuses a Socket.IO connection."""
+    sio = socketio.Client(reconnection=False)
+    said: list[object] = []
+    sio.on("connect_error", said.append)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        sio.connect(url, auth={"token": token} if token else None, transports=["websocket"])
+    return said[0]
+
+
+def test_tokens_are_required_on_connect_and_rest(strict_server):
+    said = refusal(strict_server.url, None)
+    assert said == {"message": "a valid API token is required", "data": {"code": "UNAUTHORIZED"}}
+    assert refusal(strict_server.url, "wrong")["data"]["code"] == "UNAUTHORIZED"
+    assert strict_server.get("/api/sessions")[0] == 401
+    assert strict_server.get("/api/sessions", token="wrong")[0] == 401
+    assert strict_server.get("/api/sessions", token=TOKEN)[0] == 200
+    assert strict_server.get("/api/sessions?token=second-token")[0] == 200
+    assert strict_server.get("/healthz")[0] == 200 and strict_server.get("/readyz")[0] == 200
+    ok = Recorder(strict_server.url, token="second-token")
+    ok.close()
+
+
+def test_cors_allows_same_origin_and_the_allow_list_only(strict_server):
+    def handshake(origin: str | None) -> int:
+        headers = {"Origin": origin} if origin else {}
+        status, _, _ = strict_server.request(
+            f"/socket.io/?EIO=4&transport=polling&token={TOKEN}", headers=headers
+        )
+        return status
+
+    assert handshake(None) == 200
+    assert handshake(strict_server.url) == 200
+    assert handshake("http://allowed.example") == 200
+    assert handshake("http://evil.example") == 400
+
+
+def test_crash_loses_at_most_the_last_second_of_results(tiny_model_dir, tmp_path):
+    proc = ServerProcess(tiny_model_dir, tmp_path / "crash").start()
+    client = Recorder(proc.url)
+    sid = client.start()["session_id"]
+    received: list[tuple[float, int]] = []
+    client.sio.on("emotion_result", lambda r: received.append((time.monotonic(), r["seq"])))
+    client.stream(sid, speech_pcm(repeat=2), speed=2.0)
+    wait_for(lambda: len(received) >= 6, 30, "results")
+    killed_at = time.monotonic()
+    proc.kill()  # SIGKILL: no shutdown, no flush
+    client.close()
+    with sqlite3.connect(proc.db) as conn:
+        stored = {
+            seq for (seq,) in conn.execute("SELECT seq FROM results WHERE session_id = ?", (sid,))
+        }
+    old_enough = {seq for at, seq in received if at < killed_at - 1.0}
+    assert old_enough and old_enough <= stored
+    proc2 = ServerProcess(tiny_model_dir, tmp_path / "crash", db=proc.db, port=proc.port).start()
+    status, timeline = proc2.get(f"/api/sessions/{sid}")
+    assert status == 200 and {f["seq"] for f in timeline["frames"]} == stored
+    proc2.stop()

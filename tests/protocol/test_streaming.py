@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.protocol.client import Recorder, wait_for
+from tests.speech import silence, speech, to_pcm16
+
+pytestmark = pytest.mark.protocol
+LABELS = [
+    "angry",
+    "disgusted",
+    "fearful",
+    "happy",
+    "neutral",
+    "other",
+    "sad",
+    "surprised",
+    "unknown",
+]
+
+
+def talk(seconds_silence: float = 0.5) -> np.ndarray:
+    return np.concatenate([silence(seconds_silence), speech(), silence(seconds_silence)])
+
+
+def test_a_stream_gets_ordered_results_a_summary_and_a_stored_timeline(server):
+    client = Recorder(server.url)
+    ack = client.start(sample_rate=16000, encoding="pcm_s16le")
+    sid = ack["session_id"]
+    assert ack["resume_token"] and ack["config"]["window_s"] == 2.0
+    assert ack["config"]["model"]["random_weights"] is True
+    audio = talk()
+    client.stream(sid, to_pcm16(audio), speed=4)
+    summary = client.end(sid)
+    results = client.of("emotion_result")
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
+    assert len(results) >= 5
+    for r in results:
+        assert r["session_id"] == sid
+        assert set(r["scores"]) == set(LABELS)
+        assert r["emotion"] == max(r["scores"], key=r["scores"].get)
+        assert r["random_weights"] is True
+        assert r["latency_ms"] > 0
+        assert 0 <= r["stress"]["index"] <= 100 and r["stress"]["level"]
+    regular = [r for r in results if r["end_s"] - r["start_s"] == pytest.approx(2.0)]
+    assert all(r["start_s"] == pytest.approx(round(r["start_s"])) for r in regular[:-1])
+    assert results[-1]["end_s"] <= audio.size / 16000 + 0.01
+    assert summary["session_id"] == sid and summary["results"] == len(results)
+    assert summary["duration_s"] == pytest.approx(audio.size / 16000, abs=0.05)
+    vad = client.of("vad")
+    assert vad[0]["speech"] is True and vad[0]["at_s"] == pytest.approx(0.5, abs=0.3)
+    client.close()
+
+    status, stored = server.get(f"/api/sessions/{sid}")
+    assert status == 200
+    assert [f["seq"] for f in stored["frames"]] == [r["seq"] for r in results]
+    assert stored["frames"][3]["scores"] == results[3]["scores"]
+    assert stored["summary"]["results"] == len(results)
+    status, body, headers = server.request(f"/api/sessions/{sid}?format=csv")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [int(r["seq"]) for r in rows] == [r["seq"] for r in results]
+    assert float(rows[2]["stress_index"]) == results[2]["stress"]["index"]
+    assert float(rows[2]["happy"]) == results[2]["scores"]["happy"]
+    status, listing = server.get("/api/sessions")
+    assert sid in [s["session_id"] for s in listing["sessions"]]
+
+
+def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(server):
+    audio = talk()
+    pcm = to_pcm16(audio)
+    spans = []
+    for mode in ("raw", "base64", "f32-8k"):
+        client = Recorder(server.url)
+        if mode == "f32-8k":
+            import soxr
+
+            x = soxr.resample(audio, 16000, 8000).astype("<f4")
+            sid = client.start(sample_rate=8000, encoding="pcm_f32le")["session_id"]
+            data = x.tobytes()
+            for at in range(0, len(data), 3200):
+                client.send(sid, data[at : at + 3200])
+                time.sleep(0.025)
+        else:
+            sid = client.start()["session_id"]
+            for at in range(0, len(pcm), 3200):
+                part = pcm[at : at + 3200]
+                client.send(sid, part if mode == "raw" else base64.b64encode(part).decode())
+                time.sleep(0.025)
+        client.end(sid)
+        spans.append([(r["start_s"], r["end_s"]) for r in client.of("emotion_result")])
+        if mode == "f32-8k":
+            assert all(r.get("narrowband") for r in client.of("emotion_result"))
+        client.close()
+    assert spans[0] == spans[1]
+    assert len(spans[2]) == pytest.approx(len(spans[0]), abs=1)
+
+
+def test_inference_never_blocks_another_clients_round_trip(slow_server):
+    """A 24 s window (model + prosody) is analysed while another client pings every 10 ms."""
+    streamer, pinger = Recorder(slow_server.url), Recorder(slow_server.url)
+    sid = streamer.start()["session_id"]
+    audio = np.concatenate([speech()] * 4)[: 25 * 16000]
+    pings: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def ping_loop() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            pinger.call("ping", {})
+            pings.append((time.monotonic(), (time.perf_counter() - t0) * 1000))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=ping_loop)
+    thread.start()
+    streamer.stream(sid, to_pcm16(audio), speed=3.8)
+    result = wait_for(lambda: streamer.of("emotion_result"), 60, "the long window's result")[0]
+    stop.set()
+    thread.join()
+    assert result["latency_ms"] > 200, "the window must have kept the server busy for a while"
+    assert len(pings) > 200
+    worst = max(ms for _, ms in pings)
+    assert worst < 50, f"a ping took {worst:.0f} ms while the window was analysed"
+    streamer.close()
+    pinger.close()
+
+
+def test_eight_concurrent_streams_all_complete(server):
+    audio = talk(0.2)
+    pcm = to_pcm16(audio)
+    clients = [Recorder(server.url) for _ in range(8)]
+    sids = [c.start()["session_id"] for c in clients]
+    threads = [
+        threading.Thread(target=c.stream, args=(s, pcm), kwargs={"speed": 2.0})
+        for c, s in zip(clients, sids, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summaries = [c.end(s) for c, s in zip(clients, sids, strict=True)]
+    for c, summary in zip(clients, summaries, strict=True):
+        results = c.of("emotion_result")
+        assert results and [r["seq"] for r in results] == list(range(1, len(results) + 1))
+        assert {r["session_id"] for r in results} == {summary["session_id"]}  # isolation
+        c.close()
+
+
+def test_http_analyze_returns_the_cli_timeline(server, tiny_model_dir, tmp_path):
+    from tests.harness import multipart
+
+    path = tmp_path / "talk.wav"
+    sf.write(path, talk(), 16000, subtype="PCM_16")
+    body, ctype = multipart("file", "talk.wav", path.read_bytes())
+    status, raw, _ = server.request("/api/analyze", data=body, headers={"Content-Type": ctype})
+    assert status == 200, raw
+    http = json.loads(raw)
+    cli = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "analyze",
+                str(path),
+                "--model",
+                str(tiny_model_dir),
+                "--dtype",
+                "fp32",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+    )
+    assert [(f["start_s"], f["end_s"]) for f in http["frames"]] == [
+        (f["start_s"], f["end_s"]) for f in cli["frames"]
+    ]
+    for a, b in zip(http["frames"], cli["frames"], strict=True):
+        assert a["emotion"] == b["emotion"]
+        assert max(abs(a["scores"][k] - b["scores"][k]) for k in LABELS) < 1e-3
+        assert a["stress"]["index"] == pytest.approx(b["stress"]["index"], abs=0.5)
+    assert http["summary"]["windows"] == cli["summary"]["windows"]
+
+
+def test_http_analyze_refuses_bad_files(server):
+    from tests.harness import multipart
+
+    body, ctype = multipart("file", "x.wav", b"definitely not audio")
+    status, raw, _ = server.request("/api/analyze", data=body, headers={"Content-Type": ctype})
+    assert status == 400 and json.loads(raw)["error"]["code"] == "INVALID_AUDIO"
+    status, raw, _ = server.request("/api/analyze", data=b"", method="POST")
+    assert status == 400 and json.loads(raw)["error"]["code"] == "INVALID_MESSAGE"
+
+
+def test_cli_stream_prints_results_as_they_arrive(server, tmp_path):
+    path = tmp_path / "talk.wav"
+    sf.write(path, talk(), 16000, subtype="PCM_16")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "stream",
+            str(path),
+            "--url",
+            server.url,
+            "--speed",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    results, summary = lines[:-1], lines[-1]["summary"]
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
+    assert summary["results"] == len(results)
+    text = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "stream",
+            str(path),
+            "--url",
+            server.url,
+            "--speed",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "RANDOM WEIGHTS" in text and "#1 " in text
+
+
+def test_cli_stream_says_clearly_when_the_server_is_unreachable(tmp_path):
+    path = tmp_path / "talk.wav"
+    sf.write(path, silence(0.5), 16000, subtype="PCM_16")
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "stream", str(path), "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "cannot stream to http://127.0.0.1:9" in out.stderr and "Traceback" not in out.stderr
