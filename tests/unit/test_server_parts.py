@@ -197,3 +197,16 @@ def test_store_round_trip_and_csv(tmp_path):
     rows = timeline_csv(stored).splitlines()
     assert rows[0].endswith("angry,happy") and rows[2].startswith("2,,1.0,3.0,happy,0.6,20.0")
     store.close()
+
+
+def test_the_readme_documents_every_setting():
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f"`VOXAFFECT_{f.name.upper()}`" not in readme
+    ]
+    assert missing == []
