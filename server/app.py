@@ -86,6 +86,10 @@ def create_app(
     def monitor() -> Response:
         return send_from_directory(static, "monitor.html")
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return send_from_directory(static, "favicon.svg", mimetype="image/svg+xml")
+
     def housekeeping() -> None:
         while True:
             socketio.sleep(1.0)

@@ -1,0 +1,222 @@
+// Shared views: emotion heat strip, stress chart with level bands, distribution and components.
+// Charts keep at most MAX_POINTS windows and redraw at most once per animation frame.
+// Everything is exported on window.Views; nothing else leaks into the page's global scope.
+(() => {
+"use strict";
+
+const MAX_POINTS = 600; // ten minutes of 1 s hops on screen; the full timeline stays exportable
+const EMOTIONS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"];
+const EMOTION_COLORS = {
+  angry: "#e5484d", disgusted: "#8e4ec6", fearful: "#f76b15", happy: "#ffc53d", neutral: "#8b8d98",
+  other: "#3e63dd", sad: "#0090ff", surprised: "#12a594", unknown: "#60646c",
+};
+const LEVELS = [
+  { upTo: 25, name: "low", color: "rgba(48, 164, 108, 0.13)" },
+  { upTo: 50, name: "moderate", color: "rgba(255, 197, 61, 0.16)" },
+  { upTo: 75, name: "elevated", color: "rgba(247, 107, 21, 0.16)" },
+  { upTo: 100, name: "high", color: "rgba(229, 72, 77, 0.18)" },
+];
+const COMPONENT_NAMES = {
+  f0_median_st: "Pitch (median F0)",
+  f0_range_st: "Pitch range",
+  loudness_dbfs: "Loudness",
+  speech_rate_syl_s: "Speech rate",
+  spectral_balance_db: "Spectral balance (high vs low)",
+  jitter_pct: "Jitter",
+  shimmer_pct: "Shimmer",
+  emotion_arousal: "Emotion: angry / fearful / disgusted",
+};
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "style") node.style.cssText = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function fmt(x, digits = 1) {
+  return Number.isFinite(x) ? x.toFixed(digits) : "–";
+}
+
+// --- emotion heat strip: one column per window, one row per emotion ----------------------------
+
+class HeatStrip {
+  constructor(canvas) {
+    this.canvas = canvas;
+    this.columns = [];
+    this.pending = false;
+    new ResizeObserver(() => this.schedule()).observe(canvas);
+  }
+
+  clear() { this.columns = []; this.schedule(); }
+
+  push(result) {
+    this.columns.push(result.scores);
+    if (this.columns.length > MAX_POINTS) this.columns.splice(0, this.columns.length - MAX_POINTS);
+    this.schedule();
+  }
+
+  setAll(results) { this.columns = results.slice(-MAX_POINTS).map(r => r.scores); this.schedule(); }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => { this.pending = false; this.draw(); });
+  }
+
+  draw() {
+    const c = this.canvas;
+    const dpr = window.devicePixelRatio || 1;
+    const w = c.clientWidth, h = c.clientHeight;
+    if (c.width !== w * dpr || c.height !== h * dpr) { c.width = w * dpr; c.height = h * dpr; }
+    const g = c.getContext("2d");
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.clearRect(0, 0, w, h);
+    const labelW = 78, rowH = h / EMOTIONS.length;
+    g.font = "12px system-ui, sans-serif";
+    g.textBaseline = "middle";
+    EMOTIONS.forEach((e, i) => {
+      g.fillStyle = "#b4b8c5";
+      g.fillText(e, 4, (i + 0.5) * rowH);
+    });
+    const n = Math.max(this.columns.length, 30);
+    const colW = (w - labelW) / n;
+    const x0 = w - this.columns.length * colW;
+    this.columns.forEach((scores, j) => {
+      EMOTIONS.forEach((e, i) => {
+        const p = scores[e] || 0;
+        g.globalAlpha = Math.min(1, 0.06 + p * 1.6);
+        g.fillStyle = EMOTION_COLORS[e];
+        g.fillRect(x0 + j * colW, i * rowH + 1, Math.ceil(colW), rowH - 2);
+      });
+    });
+    g.globalAlpha = 1;
+  }
+}
+
+// --- stress index over time, on the four level bands ------------------------------------------
+
+class StressChart {
+  constructor(container) {
+    this.container = container;
+    this.x = []; this.index = []; this.raw = [];
+    this.pending = false;
+    const bands = {
+      hooks: {
+        drawClear: [u => {
+          const { ctx, bbox } = u;
+          let from = 0;
+          for (const level of LEVELS) {
+            const top = u.valToPos(level.upTo, "y", true), bottom = u.valToPos(from, "y", true);
+            ctx.fillStyle = level.color;
+            ctx.fillRect(bbox.left, top, bbox.width, bottom - top);
+            from = level.upTo;
+          }
+        }],
+      },
+    };
+    this.plot = new uPlot({
+      width: container.clientWidth || 600,
+      height: 190,
+      plugins: [bands],
+      scales: { x: { time: false }, y: { range: [0, 100] } },
+      axes: [
+        { stroke: "#b4b8c5", grid: { stroke: "rgba(255,255,255,0.05)" }, label: "seconds", labelSize: 18, size: 34 },
+        { stroke: "#b4b8c5", grid: { stroke: "rgba(255,255,255,0.05)" }, values: (u, v) => v, size: 36 },
+      ],
+      legend: { show: false },
+      cursor: { drag: { x: false, y: false } },
+      series: [
+        {},
+        { label: "stress", stroke: "#f5f6fa", width: 2 },
+        { label: "this window", stroke: "rgba(245,246,250,0.45)", width: 1, dash: [4, 4] },
+      ],
+    }, [[], [], []], container);
+    new ResizeObserver(() => this.plot.setSize({ width: container.clientWidth, height: 190 })).observe(container);
+  }
+
+  clear() { this.x = []; this.index = []; this.raw = []; this.schedule(); }
+
+  push(result) {
+    this.x.push(result.end_s); this.index.push(result.stress.index); this.raw.push(result.stress.raw_index);
+    if (this.x.length > MAX_POINTS) { this.x.shift(); this.index.shift(); this.raw.shift(); }
+    this.schedule();
+  }
+
+  setAll(results) {
+    this.clear();
+    for (const r of results.slice(-MAX_POINTS)) this.push(r);
+  }
+
+  get points() { return this.x.length; }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.plot.setData([this.x, this.index, this.raw]);
+    });
+  }
+}
+
+// --- the latest window: emotion distribution and the stress components ------------------------
+
+function renderDistribution(container, result) {
+  const rows = EMOTIONS.map(e => {
+    const p = result ? result.scores[e] || 0 : 0;
+    return el("div", { class: "bar-row" },
+      el("span", { class: "bar-label" }, e),
+      el("span", { class: "bar" }, el("span", { class: "bar-fill", style: `width:${(p * 100).toFixed(1)}%;background:${EMOTION_COLORS[e]}` })),
+      el("span", { class: "bar-value" }, `${(p * 100).toFixed(0)}%`));
+  });
+  container.replaceChildren(...rows);
+}
+
+function renderComponents(container, stress) {
+  if (!stress) { container.replaceChildren(el("p", { class: "muted" }, "No stress value yet.")); return; }
+  const entries = Object.entries(stress.components).sort((a, b) => Math.abs(b[1].points || 0) - Math.abs(a[1].points || 0));
+  const rows = entries.map(([name, c]) => {
+    const points = c.points || 0;
+    const detail = "z" in c
+      ? `${fmt(c.value, 2)} ${c.unit} (baseline ${fmt(c.baseline, 2)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
+      : `${fmt(c.value * 100, 0)}% of the emotion distribution`;
+    const width = Math.min(100, Math.abs(points) * 2);
+    return el("div", { class: "comp-row", "data-component": name },
+      el("span", { class: "comp-name" }, COMPONENT_NAMES[name] || name),
+      el("span", { class: "comp-detail muted" }, detail),
+      el("span", { class: "comp-points " + (points >= 0 ? "up" : "down") },
+        el("span", { class: "comp-bar", style: `width:${width}%` }), `${points >= 0 ? "+" : ""}${fmt(points, 1)}`));
+  });
+  const note = stress.calibrating ? [el("p", { class: "muted" }, "Learning this voice's baseline: the first windows of speech are the reference.")] : [];
+  container.replaceChildren(...note, ...rows);
+}
+
+// --- export -----------------------------------------------------------------------------------
+
+function timelineCsv(frames) {
+  const header = ["seq", "track", "start_s", "end_s", "emotion", "confidence", "stress_index", "stress_level",
+    "stress_confidence", "speech_ratio", "device", ...EMOTIONS];
+  const lines = [header.join(",")];
+  for (const f of frames) {
+    lines.push([f.seq ?? "", f.track ?? "", f.start_s, f.end_s, f.emotion, f.confidence, f.stress.index, f.stress.level,
+      f.stress.confidence, f.speech_ratio, f.device, ...EMOTIONS.map(e => f.scores[e] ?? "")].join(","));
+  }
+  return lines.join("\r\n") + "\r\n";
+}
+
+function download(name, content, type) {
+  const url = URL.createObjectURL(new Blob([content], { type }));
+  const a = el("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, timelineCsv, download, el, fmt };
+})();

@@ -1,0 +1,125 @@
+// Supervisor monitor: every active session with its current emotion and stress, updating live;
+// click one for its live charts. Needs an API token (the server refuses monitoring without one).
+"use strict";
+
+const { HeatStrip, StressChart, renderDistribution, renderComponents, fmt, el } = window.Views;
+const $ = id => document.getElementById(id);
+const sessions = new Map();   // session_id -> last known state
+let selected = null;
+let heat = null, stressChart = null, socket = null;
+let token = new URLSearchParams(location.search).get("token") || localStorage.getItem("voxaffect-token") || "";
+$("token").value = token;
+
+function say(text, kind = "error") {
+  const node = el("div", { class: `banner ${kind}`, role: "alert" }, text);
+  $("errors").replaceChildren(node);
+}
+
+function setConnection(text, stateName) {
+  $("connection").textContent = text;
+  $("connection").dataset.state = stateName;
+}
+
+function row(s) {
+  const last = s.last;
+  const stress = last ? last.stress : null;
+  const tr = el("tr", { class: "session" + (s.session_id === selected ? " selected" : ""), "data-session": s.session_id },
+    el("td", {}, s.session_id.slice(0, 12)),
+    el("td", {}, s.meta && s.meta.call_sid ? `${s.source} · ${s.meta.call_sid}` : s.source),
+    el("td", {}, `${fmt(s.audio_s, 0)} s`),
+    el("td", { style: last ? `color:${Views.EMOTION_COLORS[last.emotion]}` : "" }, last ? `${last.emotion} ${(last.confidence * 100).toFixed(0)}%` : "–"),
+    el("td", {}, stress ? fmt(stress.index, 0) : "–"),
+    el("td", {}, stress ? el("span", { class: "level", "data-level": stress.level }, stress.level) : "–"),
+    el("td", { class: "muted" }, s.connected === false ? "reconnecting" : "live"));
+  tr.addEventListener("click", () => select(s.session_id));
+  return tr;
+}
+
+let renderPending = false;
+function renderTable() {
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(() => {
+    renderPending = false;
+    const rows = [...sessions.values()].sort((a, b) => b.started_at - a.started_at).map(row);
+    $("sessions").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 7, class: "muted" }, "No active sessions."))]));
+    $("count").textContent = `${sessions.size} live`;
+  });
+}
+
+function showResult(r) {
+  $("emotion").textContent = r.emotion;
+  $("emotion").style.color = Views.EMOTION_COLORS[r.emotion];
+  $("confidence").textContent = `${(r.confidence * 100).toFixed(0)}%`;
+  renderDistribution($("distribution"), r);
+  $("stress-value").textContent = fmt(r.stress.index, 0);
+  $("stress-level").textContent = r.stress.level;
+  $("stress-level").dataset.level = r.stress.level;
+  $("stress-conf").textContent = `confidence ${(r.stress.confidence * 100).toFixed(0)}%`;
+  renderComponents($("components"), r.stress);
+  $("detail-info").textContent = `${fmt(r.end_s)} s · window ${r.seq}${r.track ? " · " + r.track : ""}`;
+}
+
+function select(id) {
+  if (selected) socket.emit("unsubscribe", { session_id: selected });
+  selected = id;
+  $("detail").hidden = false;
+  $("detail-id").textContent = id;
+  if (!heat) { heat = new HeatStrip($("heat")); stressChart = new StressChart($("stress-chart")); }
+  socket.emit("subscribe", { session_id: id }, ack => {
+    if (ack.error) { say(ack.error.message); return; }
+    heat.setAll(ack.recent);
+    stressChart.setAll(ack.recent);
+    if (ack.recent.length) showResult(ack.recent[ack.recent.length - 1]);
+  });
+  renderTable();
+}
+
+function connect() {
+  if (socket) socket.disconnect();
+  socket = io({ auth: { token: token || null }, transports: ["websocket"] });
+  socket.on("connect", () => {
+    setConnection("connected", "online");
+    socket.emit("subscribe", {}, ack => {
+      if (ack.error) { say(`${ack.error.message}.`); setConnection("no access", "error"); return; }
+      $("errors").replaceChildren();
+      sessions.clear();
+      for (const s of ack.sessions) sessions.set(s.session_id, s);
+      renderTable();
+      if (selected) select(selected);
+    });
+  });
+  socket.on("disconnect", () => setConnection("reconnecting…", "warn"));
+  socket.on("connect_error", err => {
+    if (err.data && err.data.code === "UNAUTHORIZED") {
+      setConnection("token needed", "error");
+      say("The monitor needs an API token: enter it at the top right.");
+      socket.disconnect();
+    } else setConnection("unreachable — retrying", "error");
+  });
+  socket.on("session_update", u => {
+    if (u.event === "ended") sessions.delete(u.session_id);
+    else sessions.set(u.session_id, u);
+    renderTable();
+  });
+  socket.on("emotion_result", r => {
+    if (r.session_id !== selected) return;
+    heat.push(r);
+    stressChart.push(r);
+    showResult(r);
+  });
+  socket.on("error", e => say(`Server error ${e.code}: ${e.message}`));
+}
+
+$("token").addEventListener("change", e => {
+  token = e.target.value.trim();
+  localStorage.setItem("voxaffect-token", token);
+  connect();
+});
+
+fetch("/api/info").then(r => r.json()).then(info => {
+  const m = info.model;
+  $("model").textContent = `${m.random_weights ? "random-weight model" : m.source.split("/").pop()} · ${m.device}`;
+  $("random-warning").hidden = !m.random_weights;
+  connect();
+}).catch(() => { setConnection("unreachable", "error"); say("Cannot reach the voxaffect server."); });

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import ARTIFACTS, TOKEN
+
+pytestmark = pytest.mark.e2e
+
+
+def new_page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.on("console", lambda m: m.type == "error" and print("console:", m.text))
+    return context, page
+
+
+def test_the_microphone_page_streams_and_shows_results_charts_and_exports(browser, page_server):
+    context, page = new_page(browser)
+    page.goto(page_server.url)
+    page.wait_for_selector("#connection[data-state=online]")
+    assert page.is_visible("#random-warning")  # the random-weight model is announced
+    before = page_server.metric("voxaffect_audio_received_seconds_total", source="socketio")
+    page.click("#start")
+    page.wait_for_function("window.voxaffect.state.results.length >= 4", timeout=60_000)
+    # the microphone's audio reached the server, resampled, and it was speech
+    received = page_server.metric("voxaffect_audio_received_seconds_total", source="socketio") - before
+    assert received >= 4.0
+    results = page.evaluate("window.voxaffect.state.results")
+    assert all(r["speech_ratio"] >= 0.3 for r in results)
+    fmt = page.evaluate("window.voxaffect.state.capture.format")
+    assert fmt["outputRate"] == 16000 and fmt["inputRate"] in (44100, 48000, 16000)
+    assert page.text_content("#emotion") in results[-1]["scores"]
+    assert page.text_content("#stress-value") != "–"
+    assert page.locator("#components .comp-row").count() >= 3
+    assert page.evaluate("window.voxaffect.stressChart.points") == len(results)
+    assert page.text_content("#speech") in ("speech", "silence")
+    page.screenshot(path=str(ARTIFACTS / "live.png"), full_page=True)
+
+    page.click("#stop")
+    session_id = page.evaluate("window.voxaffect.state.sessionId")
+    page.wait_for_function("document.querySelector('#timeline-info').textContent.startsWith('Session ended')",
+                           timeout=30_000)
+    with page.expect_download() as info:
+        page.click("#export-csv")
+    exported = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
+    status, stored = page_server.get(f"/api/sessions/{session_id}")
+    assert status == 200 and len(exported) == len(stored["frames"]) >= 4
+    for row, frame in zip(exported, stored["frames"], strict=True):
+        assert int(row["seq"]) == frame["seq"]
+        assert float(row["start_s"]) == frame["start_s"] and row["emotion"] == frame["emotion"]
+        assert float(row["stress_index"]) == frame["stress"]["index"]
+    shown = {r["seq"] for r in page.evaluate("window.voxaffect.state.results")}
+    assert shown == {f["seq"] for f in stored["frames"]}
+    page.screenshot(path=str(ARTIFACTS / "live-ended.png"), full_page=True)
+    context.close()
+
+
+def test_a_file_can_be_analysed_from_the_page(browser, page_server, fake_mic_wav):
+    context, page = new_page(browser)
+    page.goto(page_server.url)
+    page.set_input_files("#file", str(fake_mic_wav))
+    page.wait_for_function("window.voxaffect.state.fileTimeline && window.voxaffect.stressChart.points > 0",
+                           timeout=60_000)
+    assert "windows over" in page.text_content("#timeline-info")
+    with page.expect_download() as info:
+        page.click("#export-json")
+    assert info.value.suggested_filename.endswith(".json")
+    page.screenshot(path=str(ARTIFACTS / "file.png"), full_page=True)
+    context.close()
+
+
+def test_errors_are_told_in_words(browser, page_server):
+    context, page = new_page(browser)
+    page.add_init_script("""
+        navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('denied', 'NotAllowedError'));
+    """)
+    page.goto(page_server.url)
+    page.wait_for_selector("#connection[data-state=online]")
+    page.click("#start")
+    page.wait_for_selector("text=Microphone access was denied")
+    page.evaluate("window.voxaffectSocket.emit('audio_stream', {session_id: 'nope', chunk: 'AAAA'})")
+    page.wait_for_selector("text=The server no longer knows this session")
+    context.close()
+
+
+def test_the_monitor_lists_live_sessions_and_shows_one(browser, token_server):
+    streamer_ctx, streamer = new_page(browser)
+    streamer.goto(f"{token_server.url}/?token={TOKEN}")
+    streamer.wait_for_selector("#connection[data-state=online]")
+    streamer.click("#start")
+    streamer.wait_for_function("window.voxaffect.state.results.length >= 2", timeout=60_000)
+    session_id = streamer.evaluate("window.voxaffect.state.sessionId")
+
+    monitor_ctx, monitor = new_page(browser)
+    monitor.goto(f"{token_server.url}/monitor")
+    monitor.wait_for_selector("text=The monitor needs an API token")  # refused without a token
+    monitor.fill("#token", TOKEN)
+    monitor.dispatch_event("#token", "change")
+    row = monitor.locator(f"tr[data-session='{session_id}']")
+    row.wait_for(timeout=30_000)
+    row.click()  # a locator finds the row again: the table re-renders as results arrive
+    monitor.wait_for_function("document.querySelector('#stress-value').textContent !== '–'", timeout=30_000)
+    seen = int(monitor.text_content("#detail-info").split("window ")[1].split()[0])
+    monitor.wait_for_function(f"document.querySelector('#detail-info').textContent.includes('window {seen + 1}')",
+                              timeout=30_000)  # updating live
+    assert "level" in (monitor.get_attribute(f"tr[data-session='{session_id}'] td:nth-child(6) span", "class") or "")
+    monitor.screenshot(path=str(ARTIFACTS / "monitor.png"), full_page=True)
+    streamer.click("#stop")
+    monitor.wait_for_selector(f"tr[data-session='{session_id}']", state="detached", timeout=30_000)
+    streamer_ctx.close()
+    monitor_ctx.close()
