@@ -13,7 +13,7 @@ from typing import Any
 from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
-from server import api, events
+from server import api, events, telephony
 from server.auth import origin_check
 from server.concurrency import eventlet_active
 from server.service import Service
@@ -77,6 +77,7 @@ def create_app(
     service.streams = streams
     events.register(socketio, settings, streams)
     app.register_blueprint(api.blueprint(service))
+    telephony.register(app, service)
 
     @app.get("/")
     def index() -> Response:

@@ -70,9 +70,12 @@ class Session:
         allowance = max_realtime_factor * (time.monotonic() - self.started) + RATE_BURST_S
         if self.audio_s + seconds > allowance:
             return False
+        self.record_audio(seconds)
+        return True
+
+    def record_audio(self, seconds: float) -> None:
         self.audio_s += seconds
         self.last_audio = time.monotonic()
-        return True
 
     def state(self) -> dict[str, Any]:
         """What the monitor shows of a session."""

@@ -34,8 +34,13 @@ def browser(fake_mic_wav: Path, tmp_path_factory: pytest.TempPathFactory):
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={fake_mic_wav}",
                 "--autoplay-policy=no-user-gesture-required",
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
             ],
         )
         yield browser
@@ -43,15 +48,20 @@ def browser(fake_mic_wav: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def page_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def page_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("e2e")).start()
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="session")
-def token_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tiny_model_dir, tmp_path_factory.mktemp("e2e-token"),
-                         env={"VOXAFFECT_API_TOKENS": TOKEN}).start()
+def token_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    proc = ServerProcess(
+        tiny_model_dir, tmp_path_factory.mktemp("e2e-token"), env={"VOXAFFECT_API_TOKENS": TOKEN}
+    ).start()
     yield proc
     proc.stop()

@@ -27,7 +27,9 @@ def test_the_microphone_page_streams_and_shows_results_charts_and_exports(browse
     page.click("#start")
     page.wait_for_function("window.voxaffect.state.results.length >= 4", timeout=60_000)
     # the microphone's audio reached the server, resampled, and it was speech
-    received = page_server.metric("voxaffect_audio_received_seconds_total", source="socketio") - before
+    received = (
+        page_server.metric("voxaffect_audio_received_seconds_total", source="socketio") - before
+    )
     assert received >= 4.0
     results = page.evaluate("window.voxaffect.state.results")
     assert all(r["speech_ratio"] >= 0.3 for r in results)
@@ -42,8 +44,10 @@ def test_the_microphone_page_streams_and_shows_results_charts_and_exports(browse
 
     page.click("#stop")
     session_id = page.evaluate("window.voxaffect.state.sessionId")
-    page.wait_for_function("document.querySelector('#timeline-info').textContent.startsWith('Session ended')",
-                           timeout=30_000)
+    page.wait_for_function(
+        "document.querySelector('#timeline-info').textContent.startsWith('Session ended')",
+        timeout=30_000,
+    )
     with page.expect_download() as info:
         page.click("#export-csv")
     exported = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text())))
@@ -63,8 +67,10 @@ def test_a_file_can_be_analysed_from_the_page(browser, page_server, fake_mic_wav
     context, page = new_page(browser)
     page.goto(page_server.url)
     page.set_input_files("#file", str(fake_mic_wav))
-    page.wait_for_function("window.voxaffect.state.fileTimeline && window.voxaffect.stressChart.points > 0",
-                           timeout=60_000)
+    page.wait_for_function(
+        "window.voxaffect.state.fileTimeline && window.voxaffect.stressChart.points > 0",
+        timeout=60_000,
+    )
     assert "windows over" in page.text_content("#timeline-info")
     with page.expect_download() as info:
         page.click("#export-json")
@@ -82,7 +88,9 @@ def test_errors_are_told_in_words(browser, page_server):
     page.wait_for_selector("#connection[data-state=online]")
     page.click("#start")
     page.wait_for_selector("text=Microphone access was denied")
-    page.evaluate("window.voxaffectSocket.emit('audio_stream', {session_id: 'nope', chunk: 'AAAA'})")
+    page.evaluate(
+        "window.voxaffectSocket.emit('audio_stream', {session_id: 'nope', chunk: 'AAAA'})"
+    )
     page.wait_for_selector("text=The server no longer knows this session")
     context.close()
 
@@ -103,11 +111,18 @@ def test_the_monitor_lists_live_sessions_and_shows_one(browser, token_server):
     row = monitor.locator(f"tr[data-session='{session_id}']")
     row.wait_for(timeout=30_000)
     row.click()  # a locator finds the row again: the table re-renders as results arrive
-    monitor.wait_for_function("document.querySelector('#stress-value').textContent !== '–'", timeout=30_000)
+    monitor.wait_for_function(
+        "document.querySelector('#stress-value').textContent !== '–'", timeout=30_000
+    )
     seen = int(monitor.text_content("#detail-info").split("window ")[1].split()[0])
-    monitor.wait_for_function(f"document.querySelector('#detail-info').textContent.includes('window {seen + 1}')",
-                              timeout=30_000)  # updating live
-    assert "level" in (monitor.get_attribute(f"tr[data-session='{session_id}'] td:nth-child(6) span", "class") or "")
+    monitor.wait_for_function(
+        f"document.querySelector('#detail-info').textContent.includes('window {seen + 1}')",
+        timeout=30_000,
+    )  # updating live
+    assert "level" in (
+        monitor.get_attribute(f"tr[data-session='{session_id}'] td:nth-child(6) span", "class")
+        or ""
+    )
     monitor.screenshot(path=str(ARTIFACTS / "monitor.png"), full_page=True)
     streamer.click("#stop")
     monitor.wait_for_selector(f"tr[data-session='{session_id}']", state="detached", timeout=30_000)

@@ -8,6 +8,16 @@ import pytest
 from tests.harness import ServerProcess
 
 TOKEN = "test-token-123"
+STRICT_ARGS = (
+    "--max-sessions=3",
+    "--max-chunk-bytes=32000",
+    "--max-realtime-factor=2",
+    "--idle-timeout-s=3",
+    "--resume-ttl-s=2",
+    "--max-upload-mb=0.5",
+    "--cors-origins=http://allowed.example",
+    "--telephony-tracks=customer,agent",
+)
 
 
 @pytest.fixture(scope="session")
@@ -28,20 +38,7 @@ def strict_server(
     proc = ServerProcess(
         tiny_model_dir,
         tmp_path_factory.mktemp("strict"),
-        "--max-sessions",
-        "3",
-        "--max-chunk-bytes",
-        "32000",
-        "--max-realtime-factor",
-        "2",
-        "--idle-timeout-s",
-        "3",
-        "--resume-ttl-s",
-        "2",
-        "--max-upload-mb",
-        "0.5",
-        "--cors-origins",
-        "http://allowed.example",
+        *STRICT_ARGS,
         env={"VOXAFFECT_API_TOKENS": f"{TOKEN},second-token"},
     ).start()
     yield proc

@@ -210,3 +210,16 @@ def test_the_readme_documents_every_setting():
         if f"`VOXAFFECT_{f.name.upper()}`" not in readme
     ]
     assert missing == []
+
+
+def test_reorderer_releases_in_chunk_order_and_fills_stale_gaps():
+    from server.telephony import MULAW_SILENCE, Reorderer
+
+    r = Reorderer(window=3)
+    assert r.push(2, b"b") == []
+    assert r.push(1, b"a") == [b"a", b"b"]
+    assert r.push(1, b"a") == [] and r.late == 1  # duplicate
+    assert r.push(5, b"e") == [] and r.push(6, b"f") == []
+    assert r.push(7, b"g") == [MULAW_SILENCE, MULAW_SILENCE, b"e", b"f", b"g"]  # 3 and 4 never came
+    assert r.filled == 2
+    assert r.push(3, b"c") == [] and r.late == 2  # too late: its place was filled

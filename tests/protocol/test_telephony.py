@@ -1,0 +1,324 @@
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import websocket
+
+from engine.audio import resample
+from tests.protocol.client import Recorder, wait_for
+from tests.protocol.conftest import TOKEN
+from tests.speech import silence, speech
+
+pytestmark = pytest.mark.protocol
+CUSTOMER = dict(pitch=70, speed=170, amplitude=120)  # a different voice for each party
+AGENT = dict(pitch=30, speed=140, amplitude=100)
+
+
+def at_8k(x: np.ndarray) -> np.ndarray:
+    return resample(x, 16000, 8000)
+
+
+def mulaw(x8k: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x8k, 8000, format="RAW", subtype="ULAW")
+    return buf.getvalue()
+
+
+def l16(x: np.ndarray) -> bytes:
+    return (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def party_audio() -> tuple[np.ndarray, np.ndarray]:
+    """The customer speaks first; the agent answers after a pause (one channel each)."""
+    customer = np.concatenate([silence(0.3), speech(**CUSTOMER), silence(1.0)])
+    agent = np.concatenate([silence(customer.size / 16000), speech(**AGENT), silence(0.5)])
+    return np.pad(customer, (0, agent.size - customer.size)), agent
+
+
+def twilio_messages(
+    call_sid: str, tracks: dict[str, bytes], *, shuffle: bool = False, duplicate: bool = False
+) -> list[str]:
+    """A realistic Media Streams conversation: connected, start, 20 ms media per track, stop."""
+    stream_sid = "MZ" + call_sid[2:]
+    msgs = [json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})]
+    msgs.append(
+        json.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "streamSid": stream_sid,
+                "start": {
+                    "accountSid": "AC123",
+                    "streamSid": stream_sid,
+                    "callSid": call_sid,
+                    "tracks": list(tracks),
+                    "customParameters": {"queue": "billing"},
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                },
+            }
+        )
+    )
+    media = []
+    n = max(len(p) for p in tracks.values()) // 160
+    for i in range(n):
+        for track, payload in tracks.items():
+            media.append(
+                {
+                    "event": "media",
+                    "streamSid": stream_sid,
+                    "media": {
+                        "track": track,
+                        "chunk": str(i + 1),
+                        "timestamp": str(i * 20),
+                        "payload": base64.b64encode(payload[i * 160 : (i + 1) * 160]).decode(),
+                    },
+                }
+            )
+    if shuffle:  # frame order is not guaranteed: swap neighbours within a few chunks
+        rng = random.Random(1)
+        for i in range(0, len(media) - 4, 7):
+            j = i + rng.randint(1, 3)
+            media[i], media[j] = media[j], media[i]
+    if duplicate:
+        media.insert(50, media[40])
+    seq = 2
+    for m in media:
+        m["sequenceNumber"] = str(seq)
+        seq += 1
+        msgs.append(json.dumps(m))
+    msgs.append(
+        json.dumps(
+            {
+                "event": "dtmf",
+                "streamSid": stream_sid,
+                "sequenceNumber": str(seq),
+                "dtmf": {"track": "inbound_track", "digit": "5"},
+            }
+        )
+    )
+    msgs.append(
+        json.dumps(
+            {
+                "event": "stop",
+                "sequenceNumber": str(seq + 1),
+                "streamSid": stream_sid,
+                "stop": {"accountSid": "AC123", "callSid": call_sid},
+            }
+        )
+    )
+    return msgs
+
+
+def ws_url(server, path: str, **query: str) -> str:
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return server.url.replace("http://", "ws://") + path + (f"?{q}" if q else "")
+
+
+def replay(url: str, messages: list, pace_s: float = 0.004) -> None:
+    ws = websocket.create_connection(url, timeout=30)
+    for m in messages:
+        if isinstance(m, bytes):
+            ws.send_binary(m)
+        else:
+            ws.send(m)
+        time.sleep(pace_s)
+    ws.close()
+
+
+def stored_call(server, call_id: str, token: str | None = None) -> dict:
+    return wait_for(
+        lambda: (s := server.get(f"/api/sessions/{call_id}", token=token)[1]).get("summary") and s,
+        60,
+        f"the stored timeline of {call_id}",
+    )
+
+
+def test_twilio_call_is_analysed_customer_only_by_default_in_chunk_order(server):
+    customer, agent = party_audio()
+    tracks = {"inbound": mulaw(at_8k(customer)), "outbound": mulaw(at_8k(agent))}
+    replay(ws_url(server, "/telephony/twilio"), twilio_messages("CAorder", tracks))
+    replay(
+        ws_url(server, "/telephony/twilio"),
+        twilio_messages("CAshuffled", tracks, shuffle=True, duplicate=True),
+    )
+    ordered, shuffled = stored_call(server, "CAorder"), stored_call(server, "CAshuffled")
+    frames = ordered["frames"]
+    assert frames and {f["track"] for f in frames} == {"customer"}  # the agent is not analysed
+    assert all(f["narrowband"] for f in frames)
+    assert ordered["meta"]["analysed"] == ["customer"] and ordered["meta"]["parties"] == [
+        "customer",
+        "agent",
+    ]
+    assert ordered["meta"]["custom"] == {"queue": "billing"} and ordered["source"] == "twilio"
+    assert ordered["summary"]["tracks"]["customer"]["narrowband"] is True
+    # out-of-order and duplicated frames give the same timeline as ordered ones
+    assert [(f["start_s"], f["end_s"]) for f in shuffled["frames"]] == [
+        (f["start_s"], f["end_s"]) for f in frames
+    ]
+    for a, b in zip(shuffled["frames"], frames, strict=True):
+        assert max(abs(a["scores"][k] - b["scores"][k]) for k in a["scores"]) < 1e-6
+    assert server.metric("voxaffect_telephony_events_total", protocol="twilio", kind="dtmf") >= 2
+    assert (
+        server.metric("voxaffect_audio_received_seconds_total", source="twilio")
+        > 2 * customer.size / 16000
+    )
+
+
+def test_narrowband_lowers_the_stress_confidence(server):
+    customer, _ = party_audio()
+    replay(
+        ws_url(server, "/telephony/twilio"),
+        twilio_messages("CAnarrow", {"inbound": mulaw(at_8k(customer))}),
+    )
+    call = stored_call(server, "CAnarrow")
+    client = Recorder(server.url)
+    sid = client.start()["session_id"]
+    pcm = l16(customer)
+    client.stream(sid, pcm, speed=4)
+    client.end(sid)
+    wide = client.of("emotion_result")
+    client.close()
+    narrow_conf = max(f["stress"]["confidence"] for f in call["frames"])
+    wide_conf = max(r["stress"]["confidence"] for r in wide)
+    assert narrow_conf <= 0.75 * wide_conf + 0.01
+
+
+def test_both_parties_go_to_the_call_room_store_and_metrics_when_agent_analysis_is_on(
+    strict_server,
+):
+    monitor = Recorder(strict_server.url, token=TOKEN)
+    monitor.call("subscribe", {"session_id": "CAboth"})
+    customer, agent = party_audio()
+    tracks = {"inbound": mulaw(at_8k(customer)), "outbound": mulaw(at_8k(agent))}
+    replay(
+        ws_url(strict_server, "/telephony/twilio", token=TOKEN), twilio_messages("CAboth", tracks)
+    )
+    call = stored_call(strict_server, "CAboth", TOKEN)
+    assert {f["track"] for f in call["frames"]} == {"customer", "agent"}
+    assert [f["seq"] for f in call["frames"]] == list(range(1, len(call["frames"]) + 1))
+    live = wait_for(
+        lambda: (
+            len(monitor.of("emotion_result")) >= len(call["frames"])
+            and monitor.of("emotion_result")
+        ),
+        30,
+        "live results in the call's room",
+    )
+    assert {r["seq"] for r in live} == {f["seq"] for f in call["frames"]}
+    assert set(call["summary"]["tracks"]) == {"customer", "agent"}
+    monitor.close()
+
+
+def test_audiofork_stereo_is_split_per_party(server, strict_server):
+    customer, agent = party_audio()
+    stereo = np.stack([at_8k(customer), at_8k(agent)], axis=1).reshape(-1)
+    pcm = l16(stereo)
+    meta = json.dumps({"call_id": "fs-call-1", "caller": "+15550100", "callee": "agent-7"})
+    frames = [meta] + [pcm[i : i + 641] for i in range(0, len(pcm), 641)]  # odd sizes split samples
+    replay(ws_url(server, "/telephony/audiofork", mix="stereo", rate="8000"), frames, pace_s=0.01)
+    call = stored_call(server, "fs-call-1")
+    assert call["frames"] and {f["track"] for f in call["frames"]} == {"customer"}
+    assert call["meta"]["mix"] == "stereo" and call["meta"]["metadata"]["callee"] == "agent-7"
+
+    meta = json.dumps({"call_id": "fs-call-2", "mix": "stereo", "sample_rate": 8000})
+    frames = [meta] + [pcm[i : i + 640] for i in range(0, len(pcm), 640)]
+    replay(ws_url(strict_server, "/telephony/audiofork", token=TOKEN), frames, pace_s=0.01)
+    both = stored_call(strict_server, "fs-call-2", TOKEN)
+    by_track = {t: [f for f in both["frames"] if f["track"] == t] for t in ("customer", "agent")}
+    assert by_track["customer"] and by_track["agent"]
+    # the parties speak at different times: each track's windows follow its own channel
+    customer_speech_end = 0.3 + speech(**CUSTOMER).size / 16000
+    assert min(f["start_s"] for f in by_track["agent"]) > customer_speech_end - 1.0
+    assert max(f["start_s"] for f in by_track["customer"]) < customer_speech_end
+
+
+def test_audiofork_16k_mono_is_wideband(server):
+    customer, _ = party_audio()
+    frames = [json.dumps({"uuid": "fs-mono-16k"})] + [
+        l16(customer)[i : i + 640] for i in range(0, customer.size * 2, 640)
+    ]
+    replay(ws_url(server, "/telephony/audiofork", rate="16000"), frames, pace_s=0.005)
+    call = stored_call(server, "fs-mono-16k")
+    assert call["frames"] and not any(f.get("narrowband") for f in call["frames"])
+
+
+def test_telephony_faults_are_counted_and_never_hurt_another_call(server):
+    def count(kind: str, protocol: str = "twilio") -> float:
+        return server.metric("voxaffect_telephony_events_total", protocol=protocol, kind=kind)
+
+    kinds = (
+        "bad_json",
+        "unknown_event",
+        "media_before_start",
+        "bad_payload",
+        "binary_frame",
+        "stop_without_media",
+        "dropped",
+    )
+    before = {k: count(k) for k in kinds}
+    customer, _ = party_audio()
+    good = threading.Thread(
+        target=replay,
+        args=(
+            ws_url(server, "/telephony/twilio"),
+            twilio_messages("CAgood", {"inbound": mulaw(at_8k(customer))}),
+        ),
+    )
+    good.start()
+    url = ws_url(server, "/telephony/twilio")
+    media = {
+        "event": "media",
+        "media": {
+            "track": "inbound",
+            "chunk": "1",
+            "timestamp": "0",
+            "payload": base64.b64encode(b"\xff" * 160).decode(),
+        },
+    }
+    replay(
+        url,
+        [
+            "{not json",
+            json.dumps({"event": "hangup"}),
+            json.dumps(media),
+            b"\x00\x01",
+            json.dumps({"event": "stop"}),
+        ],
+    )
+    bad = twilio_messages("CAbad", {"inbound": mulaw(at_8k(customer))})[:40]
+    bad.insert(10, json.dumps({**media, "media": {**media["media"], "payload": ""}}))
+    bad.insert(
+        11,
+        json.dumps(
+            {
+                **media,
+                "media": {**media["media"], "payload": base64.b64encode(b"\xff" * 9000).decode()},
+            }
+        ),
+    )
+    replay(url, bad)  # closes without stop: a dropped connection
+    good.join()
+    for k in kinds:
+        wait_for(lambda k=k: count(k) > before[k], 10, f"a counted {k} fault")
+    assert stored_call(server, "CAgood")["frames"], "the good call was analysed all along"
+    assert stored_call(server, "CAbad")["summary"]["reason"] == "connection dropped"
+    assert server.get("/healthz")[0] == 200
+
+
+def test_telephony_paths_need_the_token_when_tokens_are_set(strict_server):
+    for path in ("/telephony/twilio", "/telephony/audiofork"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as info:
+            websocket.create_connection(ws_url(strict_server, path), timeout=10)
+        assert info.value.status_code == 401
+        ws = websocket.create_connection(
+            ws_url(strict_server, path), header=[f"Authorization: Bearer {TOKEN}"], timeout=10
+        )
+        ws.close()
