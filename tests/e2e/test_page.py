@@ -81,9 +81,10 @@ def test_a_file_can_be_analysed_from_the_page(browser, page_server, fake_mic_wav
 
 def test_errors_are_told_in_words(browser, page_server):
     context, page = new_page(browser)
-    page.add_init_script("""
-        navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('denied', 'NotAllowedError'));
-    """)
+    page.add_init_script(
+        "navigator.mediaDevices.getUserMedia = () =>"
+        " Promise.reject(new DOMException('denied', 'NotAllowedError'));"
+    )
     page.goto(page_server.url)
     page.wait_for_selector("#connection[data-state=online]")
     page.click("#start")
