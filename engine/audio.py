@@ -140,9 +140,36 @@ class StreamDecoder:
         self._resampler: soxr.ResampleStream | None = None
 
     def feed(self, data: bytes) -> np.ndarray:
-        samples, rate = decode_chunk(data, self.format)
-        self.input_seconds += samples.shape[0] / rate
-        mono = downmix(samples)
+        out, errors = self.feed_many([data])
+        if errors:
+            raise errors[0]
+        return out
+
+    def feed_many(self, chunks: list[bytes]) -> tuple[np.ndarray, list[AudioFormatError]]:
+        """Decode chunks in order and resample them as one signal; a bad chunk is skipped and
+        its error returned, the others are kept."""
+        pieces: list[np.ndarray] = []
+        errors: list[AudioFormatError] = []
+        run: list[np.ndarray] = []
+        run_rate = 0
+        for data in chunks:
+            try:
+                samples, rate = decode_chunk(data, self.format)
+            except AudioFormatError as exc:
+                errors.append(exc)
+                continue
+            self.input_seconds += samples.shape[0] / rate
+            if run and rate != run_rate:
+                pieces.append(self._resample(np.concatenate(run), run_rate))
+                run = []
+            run.append(downmix(samples))
+            run_rate = rate
+        if run:
+            pieces.append(self._resample(np.concatenate(run), run_rate))
+        out = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return out, errors
+
+    def _resample(self, mono: np.ndarray, rate: int) -> np.ndarray:
         if rate == SAMPLE_RATE:
             return mono
         if rate != self._rate:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine import SAMPLE_RATE
-from engine.audio import AudioFormat, StreamDecoder
+from engine.audio import AudioFormat, AudioFormatError, StreamDecoder
 from engine.prosody import Prosody, measure
 from engine.ring_buffer import RingBuffer
 from engine.stress import StressResult, StressScorer
@@ -221,6 +221,11 @@ class StreamPipeline:
     def feed(self, data: bytes) -> Fed:
         """Decode a chunk in the stream's format and advance the stream."""
         return self.feed_samples(self._decoder.feed(data))
+
+    def feed_chunks(self, chunks: list[bytes]) -> tuple[Fed, list[AudioFormatError]]:
+        """Several chunks at once (cheaper than one by one); bad ones are skipped and returned."""
+        samples, errors = self._decoder.feed_many(chunks)
+        return self.feed_samples(samples), errors
 
     def feed_samples(self, samples: np.ndarray) -> Fed:
         """Advance the stream by mono float32 samples at 16 kHz."""

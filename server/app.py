@@ -6,7 +6,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from flask_socketio import SocketIO
 
 from server import api, events, telephony
 from server.auth import origin_check
-from server.concurrency import eventlet_active
+from server.concurrency import eventlet_active, native_locks_for_shared_libraries
 from server.service import Service
 from server.settings import Settings
 from server.streaming import Streams
@@ -46,6 +48,7 @@ def configure_logging(level: str) -> None:
 def create_app(
     settings: Settings, service: Service | None = None
 ) -> tuple[Flask, SocketIO, Service]:
+    native_locks_for_shared_libraries()
     service = service or Service.load(settings)
     static = Path(settings.static_dir)
     app = Flask(__name__, static_folder=str(static), static_url_path="/static")
@@ -103,8 +106,22 @@ def create_app(
     return app, socketio, service
 
 
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """simple-websocket's reader raises EOFError when its socket closes under eventlet: that is
+    a closed connection, not an error. Anything else is logged as one."""
+    frames = traceback.extract_tb(args.exc_traceback)
+    if args.exc_type is EOFError and any("simple_websocket" in f.filename for f in frames):
+        log.debug("websocket reader stopped: connection closed")
+        return
+    log.error(
+        "uncaught exception in a thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
+
+
 def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
+    threading.excepthook = _thread_exception
     log.info("loading model (the port opens once it is ready)", extra={"model": settings.model})
     service = Service.load(settings)
     app, socketio, service = create_app(settings, service)

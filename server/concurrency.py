@@ -32,6 +32,21 @@ def offload(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+def native_locks_for_shared_libraries() -> None:
+    """Give native locks to libraries that native threads share.
+
+    A library imported after monkey-patching gets green locks; a native (tpool) thread that
+    meets one held by another native thread switches to a hub of its own and never wakes up.
+    soundfile keeps one class-wide lock around every open (G.711 and wav decoding run on tpool
+    threads, several at once): it must be a native lock.
+    """
+    if not eventlet_active():
+        return
+    import soundfile
+
+    soundfile.SoundFile._sf_error_lock = native("threading").Lock()
+
+
 def native(name: str) -> ModuleType:
     """The unpatched standard module ``name`` (``threading``, ``queue``, ``time``)."""
     if eventlet_active():

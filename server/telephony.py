@@ -172,7 +172,9 @@ class CallConnection:
             streams.end(self.session, reason)
 
 
-def _twilio(ws: Any, service: Service) -> None:
+def _twilio(ws: Any, service: Service, token_pending: bool) -> None:
+    """``token_pending``: the upgrade carried no token, so ``start`` must (Twilio's <Stream> URL
+    takes no query string; a <Parameter name="token"> arrives in ``customParameters``)."""
     call = CallConnection(service, "twilio")
     reorderers: dict[str, Reorderer] = {}
     reason = "connection dropped"
@@ -210,15 +212,23 @@ def _twilio(ws: Any, service: Service) -> None:
                 if not call_id:
                     call.fault("bad_start", "start carries neither callSid nor streamSid")
                     break
+                custom = dict(start.get("customParameters") or {})
+                token = custom.pop("token", None)  # never stored
+                if token_pending and not token_ok(service.settings, token):
+                    call.fault("unauthorized", "start without a valid token parameter")
+                    break
                 tracks = start.get("tracks") or ["inbound"]
                 parties = [TWILIO_PARTIES.get(t, t) for t in tracks]
                 meta = {
                     "protocol": "twilio",
                     "call_sid": start.get("callSid"),
                     "stream_sid": data.get("streamSid") or start.get("streamSid"),
-                    "custom": start.get("customParameters") or {},
+                    "custom": custom,
                 }
                 call.open(call_id, fmt, parties, meta)
+            elif call.session is None and token_pending:
+                call.fault("unauthorized", f"{event!r} before an authenticated start")
+                break
             elif event == "media":
                 call.count("media")
                 media = data.get("media") or {}
@@ -338,6 +348,9 @@ def register(app: Flask, service: Service) -> None:
 
     @app.before_request
     def telephony_auth() -> tuple[Response, int] | None:
+        if request.path == "/telephony/twilio" and not request_token(request):
+            request.environ["voxaffect.token_pending"] = settings.auth_required
+            return None  # Twilio can send its token only inside the start message
         if request.path.startswith("/telephony/") and not token_ok(
             settings, request_token(request)
         ):
@@ -353,7 +366,7 @@ def register(app: Flask, service: Service) -> None:
     def twilio(ws: Any) -> None:
         service.metrics.connections.labels("telephony").inc()
         try:
-            _twilio(ws, service)
+            _twilio(ws, service, bool(request.environ.get("voxaffect.token_pending")))
         finally:
             service.metrics.connections.labels("telephony").dec()
 

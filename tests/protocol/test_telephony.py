@@ -123,13 +123,17 @@ def ws_url(server, path: str, **query: str) -> str:
 
 
 def replay(url: str, messages: list, pace_s: float = 0.004) -> None:
+    """Send like a media server; stop quietly if the server closes the connection."""
     ws = websocket.create_connection(url, timeout=30)
-    for m in messages:
-        if isinstance(m, bytes):
-            ws.send_binary(m)
-        else:
-            ws.send(m)
-        time.sleep(pace_s)
+    try:
+        for m in messages:
+            if isinstance(m, bytes):
+                ws.send_binary(m)
+            else:
+                ws.send(m)
+            time.sleep(pace_s)
+    except (BrokenPipeError, ConnectionResetError, websocket.WebSocketConnectionClosedException):
+        pass
     ws.close()
 
 
@@ -316,9 +320,33 @@ def test_telephony_faults_are_counted_and_never_hurt_another_call(server):
 def test_telephony_paths_need_the_token_when_tokens_are_set(strict_server):
     for path in ("/telephony/twilio", "/telephony/audiofork"):
         with pytest.raises(websocket.WebSocketBadStatusException) as info:
-            websocket.create_connection(ws_url(strict_server, path), timeout=10)
+            websocket.create_connection(ws_url(strict_server, path, token="wrong"), timeout=10)
         assert info.value.status_code == 401
         ws = websocket.create_connection(
             ws_url(strict_server, path), header=[f"Authorization: Bearer {TOKEN}"], timeout=10
         )
         ws.close()
+    with pytest.raises(websocket.WebSocketBadStatusException):  # no token at all
+        websocket.create_connection(ws_url(strict_server, "/telephony/audiofork"), timeout=10)
+
+
+def test_twilio_may_send_its_token_as_a_stream_parameter(strict_server):
+    customer, _ = party_audio()
+    msgs = twilio_messages("CAparam", {"inbound": mulaw(at_8k(customer))})
+    start = json.loads(msgs[1])
+    start["start"]["customParameters"]["token"] = TOKEN
+    msgs[1] = json.dumps(start)
+    replay(ws_url(strict_server, "/telephony/twilio"), msgs)
+    call = stored_call(strict_server, "CAparam", TOKEN)
+    assert call["frames"] and "token" not in call["meta"]["custom"]  # never stored
+
+    def refused() -> float:
+        return strict_server.metric(
+            "voxaffect_telephony_events_total", protocol="twilio", kind="unauthorized"
+        )
+
+    before = refused()
+    msgs = twilio_messages("CAnotoken", {"inbound": mulaw(at_8k(customer))})[:30]
+    replay(ws_url(strict_server, "/telephony/twilio"), msgs)
+    wait_for(lambda: refused() > before, 10, "an unauthorized start")
+    assert strict_server.get("/api/sessions/CAnotoken", token=TOKEN)[0] == 404

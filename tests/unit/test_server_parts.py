@@ -219,7 +219,8 @@ def test_reorderer_releases_in_chunk_order_and_fills_stale_gaps():
     assert r.push(2, b"b") == []
     assert r.push(1, b"a") == [b"a", b"b"]
     assert r.push(1, b"a") == [] and r.late == 1  # duplicate
-    assert r.push(5, b"e") == [] and r.push(6, b"f") == []
-    assert r.push(7, b"g") == [MULAW_SILENCE, MULAW_SILENCE, b"e", b"f", b"g"]  # 3 and 4 never came
+    assert r.push(5, b"e") == []
+    assert r.push(6, b"f") == [MULAW_SILENCE]  # three later chunks are here: 3 is given up
+    assert r.push(7, b"g") == [MULAW_SILENCE, b"e", b"f", b"g"]  # and then 4
     assert r.filled == 2
     assert r.push(3, b"c") == [] and r.late == 2  # too late: its place was filled

@@ -1,0 +1,55 @@
+"""Under eventlet, native threads must never meet a green lock held by another native thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.harness import ROOT
+
+pytestmark = pytest.mark.unit
+
+SCRIPT = textwrap.dedent(
+    """
+    import warnings
+    warnings.filterwarnings("ignore")
+    import eventlet
+    eventlet.monkey_patch()
+    import sys
+    from engine.audio import AudioFormat, decode_chunk
+    from server.concurrency import native_locks_for_shared_libraries, offload
+    if sys.argv[1] == "fixed":
+        native_locks_for_shared_libraries()
+    fmt = AudioFormat("mulaw", 8000, 1)
+    pool = eventlet.GreenPool(16)
+    for _ in range(3000):
+        pool.spawn(offload, decode_chunk, bytes(range(256)) * 4, fmt)
+    pool.waitall()
+    print("done")
+    """
+)
+
+
+def run(mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_concurrent_g711_decoding_on_native_threads_completes():
+    assert run("fixed").stdout.strip() == "done"
+
+
+def test_without_native_locks_it_deadlocks():
+    """The failure the fix prevents (it hangs; a short timeout catches it)."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(
+            [sys.executable, "-c", SCRIPT, "green"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
