@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the OS packages the test suite drives for real: espeak-ng and sox (test speech),
 # chromium (browser tests), prometheus/promtool (dashboard and alert tests), redis-server
-# (multi-node test). Already-present packages are skipped; installing needs root (apt-get).
+# and nginx (multi-node tests). Already-present packages are skipped; installing needs root (apt-get).
 set -euo pipefail
 declare -A need=(
   [espeak-ng]=espeak-ng
@@ -10,6 +10,7 @@ declare -A need=(
   [prometheus]=prometheus
   [promtool]=prometheus
   [redis-server]=redis-server
+  [nginx]=nginx
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -27,7 +28,7 @@ apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $packages >/dev/null
 # Debian starts these as services on install; the tests start their own on loopback.
-for svc in prometheus redis-server; do
+for svc in prometheus redis-server nginx; do
   if command -v systemctl >/dev/null 2>&1; then systemctl stop "$svc" 2>/dev/null || true; fi
   pkill -x "$svc" 2>/dev/null || true
 done

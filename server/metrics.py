@@ -12,11 +12,13 @@ import logging
 from typing import Any
 
 from prometheus_client import (
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -35,6 +37,8 @@ class Metrics:
     def __init__(self, labels: tuple[str, ...] = (), registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if registry is None and PROCESS_COLLECTOR is not None:
+            ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
         p = "voxaffect_"
         self.inference_seconds = Histogram(
             p + "inference_seconds",
