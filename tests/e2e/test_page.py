@@ -129,3 +129,37 @@ def test_the_monitor_lists_live_sessions_and_shows_one(browser, token_server):
     monitor.wait_for_selector(f"tr[data-session='{session_id}']", state="detached", timeout=30_000)
     streamer_ctx.close()
     monitor_ctx.close()
+
+
+def test_a_dropped_connection_resumes_without_losing_the_timeline(
+    browser, tiny_model_dir, tmp_path
+):
+    from tests.harness import ServerProcess
+
+    server = ServerProcess(tiny_model_dir, tmp_path / "server").start()
+    try:
+        context, page = new_page(browser)
+        page.goto(server.url)
+        page.wait_for_selector("#connection[data-state=online]")
+        page.click("#start")
+        page.wait_for_function("window.voxaffect.state.results.length >= 2", timeout=60_000)
+        page.evaluate("window.voxaffectSocket.io.engine.close()")  # the network drops
+        page.wait_for_selector("#connection[data-state=warn]", timeout=10_000)
+        page.wait_for_selector("#connection[data-state=online]", timeout=30_000)  # back
+        count = page.evaluate("window.voxaffect.state.results.length")
+        page.wait_for_function(
+            f"window.voxaffect.state.results.length >= {count + 3}", timeout=60_000
+        )
+        seqs = page.evaluate("window.voxaffect.state.results.map(r => r.seq)")
+        assert seqs == list(range(1, len(seqs) + 1)), "nothing lost, nothing twice"
+        session_id = page.evaluate("window.voxaffect.state.sessionId")
+        ids = page.evaluate("window.voxaffect.state.results.map(r => r.session_id)")
+        assert set(ids) == {session_id}
+        page.screenshot(path=str(ARTIFACTS / "live-resumed.png"), full_page=True)
+
+        server.stop()  # the server goes away: the person is told
+        page.wait_for_selector("#connection[data-state=error]", timeout=30_000)
+        assert "unreachable" in page.text_content("#connection")
+        context.close()
+    finally:
+        server.stop()
