@@ -22,7 +22,7 @@ from engine.prosody import Prosody, measure
 from engine.ring_buffer import RingBuffer
 from engine.stress import StressResult, StressScorer
 from engine.vad import VadEvent, VadGate
-from engine.windowing import WindowPlan, WindowScheduler
+from engine.windowing import Window, WindowScheduler
 
 MIN_FINAL_WINDOW_S = 0.25
 
@@ -59,25 +59,6 @@ class PipelineConfig:
             "buffer_s": self.buffer_s,
             "baseline_windows": self.baseline_windows,
         }
-
-
-@dataclass(slots=True)
-class Window:
-    """A span of the stream sent to the model; positions in samples from stream start."""
-
-    start: int
-    end: int
-    samples: np.ndarray
-    speech_ratio: float
-    final: bool = False
-
-    @property
-    def start_s(self) -> float:
-        return self.start / SAMPLE_RATE
-
-    @property
-    def end_s(self) -> float:
-        return self.end / SAMPLE_RATE
 
 
 @dataclass(slots=True)
@@ -234,7 +215,7 @@ class StreamPipeline:
         self._ring.write(samples)
         fed = Fed(vad_events=self._vad.process(samples))
         due = self._scheduler.due(self._ring.end, self._vad)
-        fed.windows = [self._window(plan) for plan in due.windows]
+        fed.windows = [self._window(w) for w in due.windows]
         fed.skipped_silence = due.skipped_silence
         self.skipped_silence += due.skipped_silence
         return fed
@@ -248,14 +229,9 @@ class StreamPipeline:
             fed.windows.append(self._window(plan))
         return fed
 
-    def _window(self, plan: WindowPlan) -> Window:
-        return Window(
-            plan.start,
-            plan.end,
-            self._ring.read(plan.start, plan.end),
-            plan.speech_ratio,
-            plan.final,
-        )
+    def _window(self, window: Window) -> Window:
+        window.samples = self._ring.read(window.start, window.end)
+        return window
 
     def measure(self, window: Window) -> Prosody:
         return measure(window.samples, narrowband=self.narrowband)

@@ -10,20 +10,24 @@ exception — so windows from all sessions stack into exact batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from engine import SAMPLE_RATE
 from engine.vad import VadGate
 
 
 @dataclass(slots=True)
-class WindowPlan:
-    """A span [start, end) of the stream in samples, with the share of it that is speech."""
+class Window:
+    """A span [start, end) of the stream in samples, the share of it that is speech, and (once
+    the pipeline has read them from the ring buffer) its samples."""
 
     start: int
     end: int
     speech_ratio: float
     final: bool = False
+    samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     @property
     def start_s(self) -> float:
@@ -38,7 +42,7 @@ class WindowPlan:
 class Due:
     """What became due since the last call: windows to analyse, and how many were silence."""
 
-    windows: list[WindowPlan]
+    windows: list[Window]
     skipped_silence: int = 0
 
 
@@ -64,13 +68,13 @@ class WindowScheduler:
             self._next_start += self.hop_samples
             ratio = vad.speech_ratio(start, end)
             if ratio >= self.min_speech_ratio and ratio > 0.0:
-                due.windows.append(WindowPlan(start, end, ratio))
+                due.windows.append(Window(start, end, ratio))
                 self.covered_until = end
             else:
                 due.skipped_silence += 1
         return due
 
-    def finish(self, stream_end: int, vad: VadGate) -> WindowPlan | None:
+    def finish(self, stream_end: int, vad: VadGate) -> Window | None:
         """The final window at end of stream, if speech after the last window is uncovered."""
         if stream_end <= self.covered_until or not vad.has_speech(self.covered_until, stream_end):
             return None
@@ -79,4 +83,4 @@ class WindowScheduler:
         if ratio < self.min_speech_ratio:
             return None
         self.covered_until = stream_end
-        return WindowPlan(start, stream_end, ratio, final=True)
+        return Window(start, stream_end, ratio, final=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.batcher import InferenceBatcher
-from engine.pipeline import Window
+from engine.windowing import Window
 from engine.prosody import Prosody
 from server.concurrency import offload
 from server.metrics import Metrics

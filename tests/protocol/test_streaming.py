@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests import LABELS
 from tests.protocol.client import Recorder, wait_for
 from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
-LABELS = [
-    "angry",
-    "disgusted",
-    "fearful",
-    "happy",
-    "neutral",
-    "other",
-    "sad",
-    "surprised",
-    "unknown",
-]
+
+
+def voxaffect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=check,
+    )
 
 
 def talk(seconds_silence: float = 0.5) -> np.ndarray:
@@ -167,23 +167,8 @@ def test_http_analyze_returns_the_cli_timeline(server, tiny_model_dir, tmp_path)
     assert status == 200, raw
     http = json.loads(raw)
     cli = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "server.cli",
-                "analyze",
-                str(path),
-                "--model",
-                str(tiny_model_dir),
-                "--dtype",
-                "fp32",
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
+        voxaffect(
+            "analyze", str(path), "--model", str(tiny_model_dir), "--dtype", "fp32", "--json"
         ).stdout
     )
     assert [(f["start_s"], f["end_s"]) for f in http["frames"]] == [
@@ -209,56 +194,18 @@ def test_http_analyze_refuses_bad_files(server):
 def test_cli_stream_prints_results_as_they_arrive(server, tmp_path):
     path = tmp_path / "talk.wav"
     sf.write(path, talk(), 16000, subtype="PCM_16")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "stream",
-            str(path),
-            "--url",
-            server.url,
-            "--speed",
-            "4",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    out = voxaffect("stream", str(path), "--url", server.url, "--speed", "4", "--json")
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     results, summary = lines[:-1], lines[-1]["summary"]
     assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
     assert summary["results"] == len(results)
-    text = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "stream",
-            str(path),
-            "--url",
-            server.url,
-            "--speed",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    text = voxaffect("stream", str(path), "--url", server.url, "--speed", "4").stdout
     assert "RANDOM WEIGHTS" in text and "#1 " in text
 
 
 def test_cli_stream_says_clearly_when_the_server_is_unreachable(tmp_path):
     path = tmp_path / "talk.wav"
     sf.write(path, silence(0.5), 16000, subtype="PCM_16")
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "stream", str(path), "--url", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = voxaffect("stream", str(path), "--url", "http://127.0.0.1:9", check=False)
     assert out.returncode == 2
     assert "cannot stream to http://127.0.0.1:9" in out.stderr and "Traceback" not in out.stderr

@@ -9,21 +9,10 @@ import torch
 
 from engine.checkpoint import PLUS_TOKENS, write_random_checkpoint
 from engine.model import ModelLoadError, english_label, load_model
+from tests import LABELS
 from tests.speech import speech
 
 pytestmark = pytest.mark.unit
-
-LABELS = (
-    "angry",
-    "disgusted",
-    "fearful",
-    "happy",
-    "neutral",
-    "other",
-    "sad",
-    "surprised",
-    "unknown",
-)
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,10 @@ import soundfile as sf
 
 from engine.audio import AudioFormat
 from engine.pipeline import PipelineConfig, StreamPipeline, analyze
+from tests import LABELS
 from tests.speech import noise, silence, speech, to_pcm16
 
 pytestmark = pytest.mark.unit
-LABELS = (
-    "angry",
-    "disgusted",
-    "fearful",
-    "happy",
-    "neutral",
-    "other",
-    "sad",
-    "surprised",
-    "unknown",
-)
 
 
 def test_file_timeline_has_file_times_labels_and_summary(tiny_model):
