@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from engine.batcher import InferenceBatcher
-from engine.windowing import Window
 from engine.prosody import Prosody
+from engine.windowing import Window
 from server.concurrency import offload
 from server.metrics import Metrics
 from server.protocol import ProtocolError
