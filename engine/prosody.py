@@ -35,6 +35,12 @@ class Prosody:
     shimmer_pct: float  # local shimmer, percent
     voiced_fraction: float
 
+    @classmethod
+    def unmeasured(cls, voiced_fraction: float = 0.0) -> Prosody:
+        """No measure at all: the stress scorer then leaves prosody out."""
+        nan = math.nan
+        return cls(nan, nan, nan, nan, nan, nan, nan, voiced_fraction)
+
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
@@ -71,9 +77,8 @@ def measure(samples: np.ndarray, *, narrowband: bool = False) -> Prosody:
     times = pitch.xs()
     voiced = f0 > 0
     voiced_fraction = float(voiced.mean()) if f0.size else 0.0
-    nan = math.nan
     if voiced.sum() < _MIN_VOICED_FRAMES:
-        return Prosody(nan, nan, nan, nan, nan, nan, nan, voiced_fraction)
+        return Prosody.unmeasured(voiced_fraction)
 
     st = _semitones(f0[voiced])
     f0_median = float(np.median(st))
@@ -105,8 +110,8 @@ def measure(samples: np.ndarray, *, narrowband: bool = False) -> Prosody:
     jitter = call(points, "Get jitter (local)", 0, 0, 0.0001, 0.02, 1.3)
     shimmer = call([sound, points], "Get shimmer (local)", 0, 0, 0.0001, 0.02, 1.3, 1.6)
 
-    def pct(value: float) -> float:
-        return float(value) * 100.0 if value == value else nan  # Praat returns NaN when undefined
+    def pct(value: float) -> float:  # Praat returns NaN when undefined
+        return float(value) * 100.0 if value == value else math.nan
 
     return Prosody(
         f0_median_st=f0_median,

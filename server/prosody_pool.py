@@ -36,10 +36,33 @@ def _read(stream: Any) -> Any:
     return pickle.loads(body)
 
 
-def _write(stream: Any, obj: Any) -> None:
+def _frame(obj: Any) -> bytes:
     body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(body)) + body)
+    return _HEADER.pack(len(body)) + body
+
+
+def _write(stream: Any, obj: Any) -> None:
+    stream.write(_frame(obj))
     stream.flush()
+
+
+def _send(fd: int, obj: Any) -> None:
+    """Write a request to a worker's pipe from a greenthread.
+
+    eventlet's green ``os.write`` retries EPIPE forever, so a write to a worker that died would
+    never return: this writes with the unpatched call (a dead worker raises BrokenPipeError)
+    and waits on the hub only while the pipe is full.
+    """
+    from eventlet.hubs import trampoline
+    from eventlet.patcher import original
+
+    write = original("os").write
+    view = memoryview(_frame(obj))
+    while view:
+        try:
+            view = view[write(fd, view) :]
+        except BlockingIOError:
+            trampoline(fd, write=True)
 
 
 class _Worker:
@@ -51,7 +74,8 @@ class _Worker:
         )
 
     def measure(self, samples: np.ndarray, narrowband: bool) -> Prosody:
-        _write(self.proc.stdin, (samples, narrowband))
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        _send(self.proc.stdin.fileno(), (samples, narrowband))
         ok, value = _read(self.proc.stdout)
         if not ok:
             raise RuntimeError(f"prosody failed: {value}")

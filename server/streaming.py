@@ -171,7 +171,14 @@ class Streams:
         try:
             future = self.batcher.submit(window.samples, embeddings=session.embeddings)
             # Measured (in another process) while the model runs.
-            prosody = self._measure(window.samples, track.pipeline.narrowband)
+            try:
+                prosody = self._measure(window.samples, track.pipeline.narrowband)
+            except Exception:
+                log.exception(
+                    "measuring prosody failed: this window's stress uses the emotions only",
+                    extra={"session_id": session.id},
+                )
+                prosody = Prosody.unmeasured()
             try:
                 inference = future.result(timeout=RESULT_TIMEOUT_S)
             except TimeoutError:

@@ -3,6 +3,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import os
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +157,48 @@ def test_metrics_count_what_clients_saw(server):
     assert server.metric("voxaffect_model_info", random_weights="True", device="cpu") == 1.0
     client.close()
     wait_for(lambda: server.metric("voxaffect_connections", transport="socketio") >= 0, 5, "gauge")
+
+
+def _prosody_worker(server_pid: int) -> int:
+    """The pid of the server's prosody worker process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == server_pid and b"server.prosody_pool" in cmdline:
+                return int(stat.parent.name)
+    raise AssertionError("the server has no prosody worker")
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_dead_prosody_worker_costs_no_window_and_is_replaced(server):
+    audio = to_pcm16(np.concatenate([speech(), speech(pitch=70)]))
+
+    def run() -> tuple[list[dict], dict]:
+        client = Recorder(server.url)
+        sid = client.start()["session_id"]
+        client.stream(sid, audio, speed=4)
+        summary = client.end(sid)
+        client.close()
+        return client.of("emotion_result"), summary
+
+    def windows_due(summary: dict) -> int:  # each one analysed, or skipped and counted
+        return int(summary["results"] + summary["skipped_busy"])
+
+    _, reference = run()
+    worker = _prosody_worker(server.proc.pid)
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: _state(worker) in ("Z", None), what="the worker to die")  # Z: not reaped
+
+    results, summary = run()
+    assert windows_due(summary) == windows_due(reference)
+    assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
+    assert "prosody worker died" in server.log()
+    assert "f0_median_st" in results[-1]["stress"]["components"]  # a new worker measures again
+    assert _prosody_worker(server.proc.pid) != worker
