@@ -24,7 +24,7 @@ from engine.prosody import Prosody
 # name -> (weight, smallest standard deviation trusted, unit). Jitter and shimmer are noisy on
 # short windows and get little weight.
 FEATURES: dict[str, tuple[float, float, str]] = {
-    "f0_median_st": (0.25, 1.0, "semitones"),
+    "f0_median_st": (0.25, 1.0, "semitones re 100 Hz"),
     "f0_range_st": (0.10, 1.0, "semitones"),
     "loudness_dbfs": (0.20, 2.0, "dB"),
     "speech_rate_syl_s": (0.20, 0.5, "syllables/s"),

@@ -210,6 +210,8 @@ function flushQueue() {
 
 function stopCapture() {
   if (!state.capture) return;
+  state.capture.node.port.onmessage = null; // chunks still in flight from the worklet are dropped
+  state.capture.node.disconnect();
   state.capture.stream.getTracks().forEach(t => t.stop());
   state.capture.ctx.close();
   state.capture = null;
@@ -217,8 +219,9 @@ function stopCapture() {
 }
 
 function stop() {
-  flushQueue();
   stopCapture();
+  flushQueue();
+  state.queue = []; // nothing may follow end_session (the server would answer UNKNOWN_SESSION)
   $("stop").disabled = true;
   $("start").disabled = false;
   $("speech").textContent = "not listening";

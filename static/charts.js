@@ -177,13 +177,19 @@ function renderDistribution(container, result) {
   container.replaceChildren(...rows);
 }
 
+// Median pitch travels as semitones re 100 Hz (what the z-score uses); people read hertz.
+function measure(value, unit, withUnit = true) {
+  const [text, shown] = unit === "semitones re 100 Hz" ? [fmt(100 * 2 ** (value / 12), 0), "Hz"] : [fmt(value, 2), unit];
+  return withUnit ? `${text} ${shown}` : text;
+}
+
 function renderComponents(container, stress) {
   if (!stress) { container.replaceChildren(el("p", { class: "muted" }, "No stress value yet.")); return; }
   const entries = Object.entries(stress.components).sort((a, b) => Math.abs(b[1].points || 0) - Math.abs(a[1].points || 0));
   const rows = entries.map(([name, c]) => {
     const points = c.points || 0;
     const detail = "z" in c
-      ? `${fmt(c.value, 2)} ${c.unit} (baseline ${fmt(c.baseline, 2)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
+      ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
       : `${fmt(c.value * 100, 0)}% of the emotion distribution`;
     const width = Math.min(100, Math.abs(points) * 2);
     return el("div", { class: "comp-row", "data-component": name },
