@@ -140,6 +140,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from engine.audio import AudioFormatError
     from server.client import ServerError, stream_file
 
+    warned: list[bool] = []  # the random-weight banner goes first, and once
+
     def show(result: dict[str, Any]) -> None:
         try:
             _show(result)
@@ -150,6 +152,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, ensure_ascii=False), flush=True)
             return
+        if result.get("random_weights") and not warned:
+            warned.append(True)
+            print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
         s = result["stress"]
         warn = "  [random weights]" if result.get("random_weights") else ""
         print(

@@ -199,8 +199,9 @@ def test_cli_stream_prints_results_as_they_arrive(server, tmp_path):
     results, summary = lines[:-1], lines[-1]["summary"]
     assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
     assert summary["results"] == len(results)
-    text = voxaffect("stream", str(path), "--url", server.url, "--speed", "4").stdout
-    assert "RANDOM WEIGHTS" in text and "#1 " in text
+    out = voxaffect("stream", str(path), "--url", server.url, "--speed", "4")
+    assert "RANDOM WEIGHTS" in out.stdout and "#1 " in out.stdout  # in the summary
+    assert out.stderr.startswith("WARNING: this model has RANDOM WEIGHTS")  # and before results
 
 
 def test_cli_stream_says_clearly_when_the_server_is_unreachable(tmp_path):
