@@ -18,7 +18,11 @@ from flask_socketio import SocketIO
 
 from server import api, events, telephony
 from server.auth import origin_check
-from server.concurrency import eventlet_active, native_locks_for_shared_libraries
+from server.concurrency import (
+    eventlet_active,
+    fast_websocket_unmasking,
+    native_locks_for_shared_libraries,
+)
 from server.service import Service
 from server.settings import Settings
 from server.streaming import Streams
@@ -50,6 +54,7 @@ def create_app(
     settings: Settings, service: Service | None = None
 ) -> tuple[Flask, SocketIO, Service]:
     native_locks_for_shared_libraries()
+    fast_websocket_unmasking()
     service = service or Service.load(settings)
     static = Path(settings.static_dir)
     app = Flask(__name__, static_folder=str(static), static_url_path="/static")
@@ -103,7 +108,14 @@ def create_app(
             except Exception:
                 log.exception("reaping sessions failed")
 
+    def watch_hub(interval_s: float = 0.05) -> None:
+        while True:
+            start = time.monotonic()
+            socketio.sleep(interval_s)
+            service.metrics.hub_lag_seconds.observe(max(0.0, time.monotonic() - start - interval_s))
+
     socketio.start_background_task(housekeeping)
+    socketio.start_background_task(watch_hub)
     return app, socketio, service
 
 

@@ -47,6 +47,30 @@ def native_locks_for_shared_libraries() -> None:
     soundfile.SoundFile._sf_error_lock = native("threading").Lock()
 
 
+def websocket_unmask(data: Any, mask: Any, length: int | None = None, offset: int = 0) -> bytes:
+    """XOR ``data`` (from byte ``offset`` of a frame) with the 4-byte WebSocket ``mask``."""
+    import numpy as np
+
+    size = len(data) if length is None else length
+    key = np.roll(np.frombuffer(bytes(mask), dtype=np.uint8), -(offset % 4))
+    payload = np.frombuffer(data, dtype=np.uint8, count=size)
+    return (payload ^ np.tile(key, -(-size // 4))[:size]).tobytes()
+
+
+def fast_websocket_unmasking() -> None:
+    """Unmask Socket.IO's WebSocket frames with numpy.
+
+    eventlet's WebSocket (Engine.IO's transport under eventlet) unmasks every client frame one
+    byte at a time in Python, on the hub: 9-16 ms for a 32 KB chunk here, and one 1 MB chunk
+    held every other client for 400-475 ms (now about 1 ms).
+    """
+    if not eventlet_active():
+        return
+    from eventlet.websocket import RFC6455WebSocket
+
+    RFC6455WebSocket._apply_mask = staticmethod(websocket_unmask)
+
+
 def native(name: str) -> ModuleType:
     """The unpatched standard module ``name`` (``threading``, ``queue``, ``time``)."""
     if eventlet_active():

@@ -60,6 +60,12 @@ class Metrics:
             p + "batch_size", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
         self.queue_depth = Gauge(p + "queue_depth", "Windows waiting for the model", registry=r)
+        self.hub_lag_seconds = Histogram(
+            p + "hub_lag_seconds",
+            "How late the event loop woke a 50 ms timer: every client waits this long",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.fallbacks = Counter(
             p + "fallbacks", "Batches recomputed on the CPU", ["reason"], registry=r
         )

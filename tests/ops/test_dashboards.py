@@ -53,15 +53,24 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
     provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/voxaffect.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     assert {p.stem for p in DASHBOARDS} == {"overview", "emotions"}
-    uids = set()
     for name, panel in panels():
         assert panel["datasource"]["uid"] == uid, name
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), name
-        assert panel["id"] not in uids or True
-        uids.add((name, panel["id"]))
     for path in DASHBOARDS:
-        ids = [p["id"] for p in json.loads(path.read_text())["panels"]]
+        board = json.loads(path.read_text())["panels"]
+        ids = [p["id"] for p in board]
         assert len(ids) == len(set(ids)), f"{path.name} repeats a panel id"
+        cells = [
+            (p["title"], (x, y))
+            for p in board
+            for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+            for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+        ]
+        taken: dict[tuple[int, int], str] = {}
+        for title, cell in cells:
+            assert cell not in taken, f"{path.name}: {title!r} overlaps {taken[cell]!r}"
+            assert cell[0] < 24, f"{path.name}: {title!r} is wider than the grid"
+            taken[cell] = title
 
 
 @pytest.fixture(scope="module")

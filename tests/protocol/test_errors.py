@@ -154,6 +154,7 @@ def test_metrics_count_what_clients_saw(server):
     assert sum(server.metric(names[1], emotion=e) for e in emotions) >= len(results)
     assert server.metric("voxaffect_end_to_end_seconds_count") >= len(results)
     assert server.metric("voxaffect_ready") == 1.0
+    assert server.metric("voxaffect_hub_lag_seconds_count") > 10  # the loop is watched
     assert server.metric("voxaffect_model_info", random_weights="True", device="cpu") == 1.0
     client.close()
     wait_for(lambda: server.metric("voxaffect_connections", transport="socketio") >= 0, 5, "gauge")

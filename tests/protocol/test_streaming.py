@@ -136,6 +136,37 @@ def test_inference_never_blocks_another_clients_round_trip(slow_server):
     pinger.close()
 
 
+def test_a_megabyte_chunk_never_blocks_another_clients_round_trip(server):
+    """The hub unmasks every WebSocket frame: a 1 MB chunk once held every client ~450 ms."""
+    sender, pinger = Recorder(server.url), Recorder(server.url)
+    sid = sender.start()["session_id"]
+    chunk = to_pcm16(np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32) * 0.1)
+    assert 0.9e6 < len(chunk) <= 1024 * 1024  # just under the default chunk limit
+    worst = 0.0
+
+    def send(done: threading.Event) -> None:
+        sender.send(sid, chunk)
+        done.set()
+
+    for _ in range(3):
+        pinger.call("ping", {})  # the previous chunk has been taken in
+        done = threading.Event()
+        thread = threading.Thread(target=send, args=(done,))
+        thread.start()
+        while not done.is_set():
+            t0 = time.perf_counter()
+            pinger.call("ping", {})
+            worst = max(worst, (time.perf_counter() - t0) * 1000)
+        for _ in range(20):  # and while the server reads it
+            t0 = time.perf_counter()
+            pinger.call("ping", {})
+            worst = max(worst, (time.perf_counter() - t0) * 1000)
+        thread.join()
+    assert worst < 50, f"a ping took {worst:.0f} ms while 1 MB chunks arrived"
+    sender.close()
+    pinger.close()
+
+
 def test_eight_concurrent_streams_all_complete(server):
     audio = talk(0.2)
     pcm = to_pcm16(audio)

@@ -1,4 +1,4 @@
-"""Under eventlet, native threads must never meet a green lock held by another native thread."""
+"""Under eventlet: native threads never meet a green lock, and frames are unmasked fast."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+from eventlet.websocket import RFC6455WebSocket
 
+from server.concurrency import websocket_unmask
 from tests.harness import ROOT
 
 pytestmark = pytest.mark.unit
@@ -53,3 +56,14 @@ def test_without_native_locks_it_deadlocks():
             text=True,
             timeout=20,
         )
+
+
+def test_websocket_unmask_matches_eventlets_own_at_every_offset():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 3, 4, 5, 127, 32768):
+        data = rng.integers(0, 256, size + 6, dtype=np.uint8).tobytes()
+        mask = tuple(int(b) for b in rng.integers(0, 256, 4))
+        for offset in range(6):
+            for length in (None, size):
+                expected = RFC6455WebSocket._apply_mask(data, mask, length, offset)
+                assert websocket_unmask(data, mask, length, offset) == expected
