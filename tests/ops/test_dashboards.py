@@ -190,6 +190,7 @@ def test_the_loaded_rules_evaluate_on_live_data(prometheus):
         "VoxaffectFallbackRateHigh",
         "VoxaffectErrorRateHigh",
         "VoxaffectNoReadyInstance",
+        "VoxaffectEventLoopBlocked",
     } <= set(rules)
     assert all(rule["health"] == "ok" for rule in rules.values()), rules
     assert rules["VoxaffectNoReadyInstance"]["state"] == "inactive"  # the server is ready
