@@ -5,7 +5,10 @@
 const { HeatStrip, StressChart, renderDistribution, renderComponents, fmt, el } = window.Views;
 const $ = id => document.getElementById(id);
 const sessions = new Map();   // session_id -> last known state
+const MAX_HISTORY = 2000;
 let selected = null;
+let history = [];             // the selected session's results, every party
+let track = null;             // the party shown, for calls analysed per party (customer, agent)
 let heat = null, stressChart = null, socket = null;
 let token = new URLSearchParams(location.search).get("token") || localStorage.getItem("voxaffect-token") || "";
 $("token").value = token;
@@ -27,7 +30,8 @@ function row(s) {
     el("td", {}, s.session_id.slice(0, 12)),
     el("td", {}, s.meta && s.meta.call_sid ? `${s.source} · ${s.meta.call_sid}` : s.source),
     el("td", {}, `${fmt(s.audio_s, 0)} s`),
-    el("td", { style: last ? `color:${Views.EMOTION_COLORS[last.emotion]}` : "" }, last ? `${last.emotion} ${(last.confidence * 100).toFixed(0)}%` : "–"),
+    el("td", { style: last ? `color:${Views.EMOTION_COLORS[last.emotion]}` : "" },
+      last ? `${last.emotion} ${(last.confidence * 100).toFixed(0)}%${last.track ? " · " + last.track : ""}` : "–"),
     el("td", {}, stress ? fmt(stress.index, 0) : "–"),
     el("td", {}, stress ? el("span", { class: "level", "data-level": stress.level }, stress.level) : "–"),
     el("td", { class: "muted" }, s.connected === false ? "reconnecting" : "live"));
@@ -60,17 +64,37 @@ function showResult(r) {
   $("detail-info").textContent = `${fmt(r.end_s)} s · window ${r.seq}${r.track ? " · " + r.track : ""}`;
 }
 
+// A call analysed per party has one timeline per track: the charts show one party at a time.
+function renderTracks() {
+  const names = [...new Set(history.map(r => r.track).filter(Boolean))];
+  if (track === null && names.length) track = names.includes("customer") ? "customer" : names[0];
+  $("tracks").hidden = names.length < 2;
+  $("tracks").replaceChildren(...names.map(name => {
+    const button = el("button", { "data-track": name, "aria-pressed": String(name === track) }, name);
+    button.addEventListener("click", () => { track = name; redraw(); });
+    return button;
+  }));
+}
+
+function redraw() {
+  renderTracks();
+  const shown = history.filter(r => !track || r.track === track);
+  heat.setAll(shown);
+  stressChart.setAll(shown);
+  if (shown.length) showResult(shown[shown.length - 1]);
+}
+
 function select(id) {
   if (selected) socket.emit("unsubscribe", { session_id: selected });
+  if (id !== selected) { history = []; track = null; }
   selected = id;
   $("detail").hidden = false;
   $("detail-id").textContent = id;
   if (!heat) { heat = new HeatStrip($("heat")); stressChart = new StressChart($("stress-chart")); }
   socket.emit("subscribe", { session_id: id }, ack => {
     if (ack.error) { say(ack.error.message); return; }
-    heat.setAll(ack.recent);
-    stressChart.setAll(ack.recent);
-    if (ack.recent.length) showResult(ack.recent[ack.recent.length - 1]);
+    history = ack.recent.slice(-MAX_HISTORY);
+    redraw();
   });
   renderTable();
 }
@@ -104,6 +128,10 @@ function connect() {
   });
   socket.on("emotion_result", r => {
     if (r.session_id !== selected) return;
+    history.push(r);
+    if (history.length > MAX_HISTORY) history.shift();
+    if (r.track && !$("tracks").querySelector(`[data-track="${r.track}"]`)) renderTracks();
+    if (track && r.track !== track) return;
     heat.push(r);
     stressChart.push(r);
     showResult(r);
@@ -123,3 +151,5 @@ fetch("/api/info").then(r => r.json()).then(info => {
   $("random-warning").hidden = !m.random_weights;
   connect();
 }).catch(() => { setConnection("unreachable", "error"); say("Cannot reach the voxaffect server."); });
+
+window.monitor = { get history() { return history; }, get track() { return track; }, get stressChart() { return stressChart; } }; // for tests

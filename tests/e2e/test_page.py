@@ -165,3 +165,61 @@ def test_a_dropped_connection_resumes_without_losing_the_timeline(
         context.close()
     finally:
         server.stop()
+
+
+def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, tmp_path):
+    import threading
+
+    from tests.harness import ServerProcess
+    from tests.protocol.test_telephony import (
+        at_8k,
+        mulaw,
+        party_audio,
+        replay,
+        twilio_messages,
+        ws_url,
+    )
+
+    server = ServerProcess(
+        tiny_model_dir,
+        tmp_path / "server",
+        "--telephony-tracks=customer,agent",
+        env={"VOXAFFECT_API_TOKENS": TOKEN},
+    ).start()
+    try:
+        customer, agent = party_audio()
+        tracks = {"inbound": mulaw(at_8k(customer)), "outbound": mulaw(at_8k(agent))}
+        messages = twilio_messages("CAmonitor", tracks)
+        url = ws_url(server, "/telephony/twilio", token=TOKEN)
+        call = threading.Thread(target=replay, args=(url, messages), kwargs={"pace_s": 0.01})
+        call.start()  # about real time: one 20 ms message per party every 20 ms
+
+        context, monitor = new_page(browser)
+        monitor.goto(f"{server.url}/monitor?token={TOKEN}")
+        row = monitor.locator("tr[data-session='CAmonitor']")
+        row.wait_for(timeout=30_000)
+        row.click()
+        monitor.wait_for_selector("#tracks button[data-track=agent]", timeout=60_000)
+        assert monitor.is_visible("#tracks")
+        assert monitor.get_attribute("#tracks [data-track=customer]", "aria-pressed") == "true"
+        assert "customer" in monitor.text_content("#detail-info")
+
+        def shown(party: str) -> None:
+            monitor.wait_for_function(  # the charts hold that party's windows, and only them
+                f"""window.monitor.stressChart.points ===
+                    window.monitor.history.filter(r => r.track === '{party}').length""",
+                timeout=10_000,
+            )
+
+        shown("customer")
+        monitor.click("#tracks [data-track=agent]")
+        assert monitor.get_attribute("#tracks [data-track=agent]", "aria-pressed") == "true"
+        assert "agent" in monitor.text_content("#detail-info")
+        shown("agent")
+        parties = monitor.evaluate("window.monitor.history.map(r => r.track)")
+        assert {"customer", "agent"} <= set(parties)
+        monitor.screenshot(path=str(ARTIFACTS / "monitor-call.png"), full_page=True)
+        call.join()
+        context.close()
+    finally:
+        server.stop()
