@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from tests.harness import ROOT, ServerProcess, free_port
-from tests.protocol.client import Recorder, wait_for
+from tests.protocol.client import start_streams, wait_for
 from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.ops
@@ -135,14 +134,7 @@ def _series(url: str, expr: str) -> int:
 def _load(server: ServerProcess) -> None:
     """Two streams, a telephony call and a bad message: every panel has something to show."""
     pcm = to_pcm16(np.concatenate([silence(0.5), speech(), silence(0.5)]))
-    clients = [Recorder(server.url) for _ in range(2)]
-    sids = [c.start()["session_id"] for c in clients]
-    threads = [
-        threading.Thread(target=c.stream, args=(s, pcm), kwargs={"speed": 2.0})
-        for c, s in zip(clients, sids, strict=True)
-    ]
-    for t in threads:
-        t.start()
+    clients, sids, threads = start_streams(server.url, pcm, 2)
     from tests.protocol.test_telephony import at_8k, mulaw, replay, twilio_messages, ws_url
 
     replay(

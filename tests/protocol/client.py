@@ -82,3 +82,18 @@ class Recorder:
     def close(self) -> None:
         if self.sio.connected:
             self.sio.disconnect()
+
+
+def start_streams(
+    url: str, pcm: bytes, count: int, speed: float = 2.0
+) -> tuple[list[Recorder], list[str], list[threading.Thread]]:
+    """``count`` clients, each with a session streaming ``pcm`` on a thread of its own."""
+    clients = [Recorder(url) for _ in range(count)]
+    sids = [c.start()["session_id"] for c in clients]
+    threads = [
+        threading.Thread(target=c.stream, args=(s, pcm), kwargs={"speed": speed})
+        for c, s in zip(clients, sids, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    return clients, sids, threads

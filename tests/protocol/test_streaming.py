@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from tests import LABELS
-from tests.protocol.client import Recorder, wait_for
+from tests.protocol.client import Recorder, start_streams, wait_for
 from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
@@ -170,14 +170,7 @@ def test_a_megabyte_chunk_never_blocks_another_clients_round_trip(server):
 def test_eight_concurrent_streams_all_complete(server):
     audio = talk(0.2)
     pcm = to_pcm16(audio)
-    clients = [Recorder(server.url) for _ in range(8)]
-    sids = [c.start()["session_id"] for c in clients]
-    threads = [
-        threading.Thread(target=c.stream, args=(s, pcm), kwargs={"speed": 2.0})
-        for c, s in zip(clients, sids, strict=True)
-    ]
-    for t in threads:
-        t.start()
+    clients, sids, threads = start_streams(server.url, pcm, 8)
     for t in threads:
         t.join()
     summaries = [c.end(s) for c, s in zip(clients, sids, strict=True)]
