@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from engine import SAMPLE_RATE
 from engine.audio import resample
 from engine.batcher import InferenceBatcher
-from engine.model import _quiet_funasr, cpu_supports, import_funasr, load_model
+from engine.funasr_compat import import_funasr, quiet_funasr
+from engine.lanes import Lanes
+from engine.model import load_model
 
 WINDOW_S = 2.0
 HOP_S = 1.0
@@ -88,13 +90,13 @@ def naive(model_dir: str, windows: np.ndarray, ncpu: int | None) -> tuple[float,
     from funasr import AutoModel
 
     kwargs: dict[str, Any] = {} if ncpu is None else {"ncpu": ncpu}
-    with _quiet_funasr():
+    with quiet_funasr():
         auto = AutoModel(
             model=model_dir, device="cpu", disable_update=True, log_level="ERROR", **kwargs
         )
 
     def generate(w: np.ndarray) -> list[float]:
-        with _quiet_funasr():
+        with quiet_funasr():
             res = auto.generate(
                 w, granularity="utterance", extract_embedding=False, disable_pbar=True
             )
@@ -152,7 +154,7 @@ def candidate(
     gc.collect()  # free the previous candidate's model first
     model = load_model(model_dir, device="cpu", dtype=dtype, threads=cores)
     batcher = InferenceBatcher(
-        model, max_batch=batch, max_wait_ms=5, lanes=lanes, cpu_threads=cores
+        Lanes(model, lanes=lanes, cpu_threads=cores), max_batch=batch, max_wait_ms=5
     )
 
     def run_all() -> np.ndarray:
@@ -194,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for dtype in args.dtypes.split(","):
-        if not cpu_supports(dtype):
-            continue
         for batch in (int(b) for b in args.batches.split(",")):
             for lanes in (int(n) for n in args.lanes.split(",")):
                 if lanes > batch or lanes > args.threads:

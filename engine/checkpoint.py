@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
+from engine.funasr_compat import CHECKPOINT_PREFIX, emotion2vec_class
+
 RANDOM_WEIGHTS_MARKER = "voxaffect_random_weights.json"
-REQUIRED_FILES = ("config.yaml", "model.pt", "tokens.txt")
-CHECKPOINT_PREFIX = "d2v_model."
 
 # tokens.txt of emotion2vec_plus_large: Chinese/English pairs, then <unk>.
 PLUS_TOKENS = (
@@ -115,17 +115,11 @@ def write_random_checkpoint(directory: str | Path, size: str = "tiny", seed: int
     """Write a random-weight checkpoint that FunASR's AutoModel loads like a downloaded one."""
     import torch
 
-    from engine.model import import_funasr
-
-    import_funasr()
-    from funasr.register import tables
-
     config = model_config(size)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model_class = tables.model_classes.get("Emotion2vec")
-    module = model_class(model_conf=config["model_conf"], vocab_size=len(PLUS_TOKENS))
+    module = emotion2vec_class()(model_conf=config["model_conf"], vocab_size=len(PLUS_TOKENS))
     state = {CHECKPOINT_PREFIX + k: v for k, v in module.state_dict().items()}
     torch.save(state, out / "model.pt")
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
@@ -138,7 +132,3 @@ def write_random_checkpoint(directory: str | Path, size: str = "tiny", seed: int
 
 def is_random_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / RANDOM_WEIGHTS_MARKER).exists()
-
-
-def missing_files(directory: str | Path) -> list[str]:
-    return [name for name in REQUIRED_FILES if not (Path(directory) / name).is_file()]

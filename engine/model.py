@@ -1,24 +1,21 @@
-"""Emotion2Vec+ loaded through FunASR, predicting a batch of equal-length windows in one pass.
+"""Emotion2Vec+ built through FunASR, predicting a batch of equal-length windows in one pass.
 
-``load_model`` resolves a local checkpoint directory or a hub id (downloading on first use, with
-progress, or failing fast offline), builds the model with FunASR's ``AutoModel`` and wraps its torch
-module in :class:`EmotionModel`. ``predict`` runs the same computation as FunASR's ``generate()``
-(layer norm over the window, features, mean over time, linear head, softmax) on a whole batch at
-once; the convolutional front end runs channels-last as unfold + matmul, which gives the same
-numbers and lets ``int8`` quantise it with the transformer's linear layers.
+``load_model`` resolves a checkpoint (``hub.py``), has FunASR build the architecture from its
+config.yaml (``funasr_compat.py``), loads model.pt itself — every weight inference uses must be in
+it — and wraps the module in :class:`EmotionModel`. ``predict`` runs the same computation as
+FunASR's ``generate()`` (layer norm over the window, features, mean over time, linear head,
+softmax) on a whole batch at once; the convolutional front end runs channels-last as unfold +
+matmul, which gives the same numbers and lets ``int8`` quantise it with the transformer's linear
+layers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import logging
 import os
-import pickle
-import socket
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,172 +25,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoint import (
-    CHECKPOINT_PREFIX,
-    is_random_checkpoint,
-    missing_files,
-)
+from engine.checkpoint import is_random_checkpoint
+from engine.funasr_compat import build_module, english_label, strip_prefix
+from engine.hub import ModelLoadError, load_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "iic/emotion2vec_plus_large"
-DTYPES = ("auto", "fp32", "fp16", "bf16", "int8")
-HUBS = {"ms": "modelscope.cn", "hf": "huggingface.co"}
+DTYPES = ("fp32", "fp16", "bf16", "int8")
 MIN_WINDOW_SAMPLES = 400  # one 25 ms frame of the convolutional front end
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message says what to do about it."""
+__all__ = ["DTYPES", "EmotionModel", "ModelLoadError", "Prediction", "load_model"]
 
 
 @dataclass(slots=True)
 class Prediction:
     probs: np.ndarray  # (batch, labels) float32, each row sums to 1
     embeddings: np.ndarray | None = None  # (batch, embed_dim) float32 utterance embeddings
+    device: str = "cpu"  # where it was computed
+    fallback_reason: str | None = None  # why a fallback device answered (engine/fallback.py)
 
 
-@contextlib.contextmanager
-def _quiet_funasr() -> Iterator[None]:
-    """FunASR prints on import, logs chatter on the root logger and calls basicConfig(INFO);
-    keep the host's logging exactly as it was."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
-def import_funasr() -> None:
-    with _quiet_funasr():
-        import funasr
-        import funasr.models.emotion2vec.model  # noqa: F401  (registers Emotion2vec)
-
-
-def english_label(token: str) -> str:
-    """'生气/angry' -> 'angry'; '<unk>' -> 'unknown'."""
-    if token == "<unk>":
-        return "unknown"
-    return token.rsplit("/", 1)[-1].strip()
-
-
-# --- locating the checkpoint -------------------------------------------------------------------
-
-
-def _default_hub(model_id: str) -> str:
-    return "hf" if model_id.startswith("emotion2vec/") else "ms"
-
-
-def _hub_repo(model_id: str, hub: str) -> str:
-    if hub == "hf" and model_id.startswith("iic/"):
-        return "emotion2vec/" + model_id.split("/", 1)[1]
-    return model_id
-
-
-def _reachable(host: str, timeout_s: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _snapshot(repo: str, hub: str, local_only: bool) -> str:
-    if hub == "hf":
-        from huggingface_hub import snapshot_download as hf_download
-
-        return str(hf_download(repo, local_files_only=local_only))
-    from modelscope.hub.snapshot_download import snapshot_download as ms_download
-
-    return str(ms_download(repo, local_files_only=local_only))
-
-
-def resolve_checkpoint(source: str, hub: str = "auto") -> Path:
-    """A local checkpoint directory for ``source`` (a directory, or a hub id to fetch)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model {source} is a file; pass the checkpoint directory")
-        return _checked_dir(path)
-    if "/" not in source or source.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model directory {source} does not exist")
-    hub = _default_hub(source) if hub == "auto" else hub
-    if hub not in HUBS:
-        raise ModelLoadError(f"hub must be one of auto, {', '.join(HUBS)}; got {hub!r}")
-    repo = _hub_repo(source, hub)
-    with contextlib.suppress(Exception):  # not in the local cache yet
-        return _checked_dir(Path(_snapshot(repo, hub, local_only=True)))
-    if not _reachable(HUBS[hub]):
-        raise ModelLoadError(
-            f"model {repo} is not in the local cache and {HUBS[hub]} cannot be reached. "
-            f"On a machine with network run `voxaffect download {source} --hub {hub} DIR` "
-            "(or `modelscope download --model iic/emotion2vec_plus_large --local_dir DIR`), "
-            "copy DIR here and pass --model DIR."
-        )
-    log.info("downloading %s from %s (first use; cached afterwards)", repo, HUBS[hub])
-    try:
-        return _checked_dir(Path(_snapshot(repo, hub, local_only=False)))
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"downloading {repo} from {HUBS[hub]} failed: {exc}") from exc
-
-
-def _checked_dir(directory: Path) -> Path:
-    missing = missing_files(directory)
-    if missing:
-        # FunASR would load a directory without model.pt silently with random weights.
-        raise ModelLoadError(
-            f"{directory} is not an emotion2vec checkpoint: missing {', '.join(missing)} "
-            "(it needs config.yaml, model.pt and tokens.txt)"
-        )
-    return directory
-
-
-TRUST_ENV = "VOXAFFECT_TRUST_CHECKPOINT"
-
-
-def _trusted() -> bool:
-    return os.environ.get(TRUST_ENV) == "1"
-
-
-def _untrusted_pickle(path: Path) -> ModelLoadError:
-    return ModelLoadError(
-        f"{path} holds more than tensors, which torch refuses to unpickle by default. "
-        f"If you trust this file, set {TRUST_ENV}=1 and load it again."
-    )
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=not _trusted(), mmap=True)
-    except pickle.UnpicklingError as exc:
-        raise _untrusted_pickle(path) from exc
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return state
-
-
-def _check_weights(module: nn.Module, checkpoint: Path) -> None:
-    """Every weight inference uses must come from the checkpoint (FunASR only prints misses)."""
-    names = set()
-    for key in _load_state(checkpoint / "model.pt"):
-        for prefix in (CHECKPOINT_PREFIX, "module."):
-            key = key.removeprefix(prefix)
-        names.add(key)
-    needed = [k for k in module.state_dict() if ".decoder." not in k]
-    missing = [k for k in needed if k not in names]
+def _load_weights(module: nn.Module, checkpoint: Path, *, trusted: bool) -> None:
+    """Load model.pt into ``module``; every weight inference uses must come from it."""
+    raw = load_state(checkpoint / "model.pt", trusted=trusted)
+    state = {strip_prefix(k): v for k, v in raw.items()}
+    own = module.state_dict()
+    needed = [k for k in own if ".decoder." not in k]  # the pre-training decoder is unused
+    missing = [k for k in needed if k not in state]
     if missing:
         raise ModelLoadError(
             f"{checkpoint}/model.pt lacks {len(missing)} of the model's weights "
             f"(first: {', '.join(missing[:3])}); it does not match config.yaml"
         )
+    wrong = [k for k in needed if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ModelLoadError(
+            f"{checkpoint}/model.pt has {len(wrong)} weights of the wrong shape "
+            f"(first: {wrong[0]} {tuple(state[wrong[0]].shape)} != {tuple(own[wrong[0]].shape)})"
+        )
+    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
 # --- the forward pass ----------------------------------------------------------------------
@@ -259,14 +131,6 @@ def _is_layer_norm_extractor(extractor: Any) -> bool:
         return False
 
 
-def cpu_supports(dtype: str) -> bool:
-    if dtype == "bf16":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == "fp16":
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
-
-
 class EmotionModel:
     """One loaded model on one device, owned by the batcher's worker (see batcher.py).
 
@@ -325,6 +189,20 @@ class EmotionModel:
                 for m in modules:
                     quantize_dynamic(m, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
+    def converted(self, dtype: str, device: str | None = None) -> EmotionModel:
+        """A copy of this fp32 model in ``dtype`` on ``device``; this one stays as it is."""
+        if self.dtype != "fp32":
+            raise ValueError(f"only an fp32 model can be converted, not {self.dtype}")
+        device = device or self.device
+        return EmotionModel(
+            copy.deepcopy(self.module),
+            self.tokens,
+            device=device,
+            dtype=check_dtype(dtype, device),
+            source=self.source,
+            random_weights=self.random_weights,
+        )
+
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -375,10 +253,12 @@ class EmotionModel:
             logits = logits.index_select(1, self._keep.to(logits.device))
             probs = torch.softmax(logits, dim=-1).cpu().numpy()
             emb = pooled.float().cpu().numpy() if embeddings else None
-        return Prediction(probs=probs, embeddings=emb)
+        if not np.isfinite(probs).all():
+            raise FloatingPointError(f"the model gave non-finite probabilities in {self.dtype}")
+        return Prediction(probs=probs, embeddings=emb, device=self.device)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -388,14 +268,11 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_dtype(dtype: str, device: str) -> str:
+def check_dtype(dtype: str, device: str) -> str:
+    """``dtype`` if the model can run in it on ``device``. Whether it is *fast* there is measured
+    (engine/tuning.py), never guessed from CPU flags: torch computes every dtype on every CPU."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if dtype == "auto":
-        # fp16 on CPUs with native fp16 matmul (AVX512-FP16/AMX): 1.3x fp32 here, drift 2e-4.
-        return "fp16" if device.startswith("cuda") or cpu_supports("fp16") else "fp32"
-    if device == "cpu" and not cpu_supports(dtype):
-        raise ModelLoadError(f"this CPU has no fast {dtype} support; use fp32 or int8")
     if dtype == "int8" and device != "cpu":
         raise ModelLoadError("int8 (dynamic quantisation) runs on the CPU only")
     return dtype
@@ -405,44 +282,27 @@ def load_model(
     source: str = DEFAULT_MODEL,
     *,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str = "fp32",
     hub: str = "auto",
     threads: int | None = None,
+    trusted: bool = False,
 ) -> EmotionModel:
-    """Load emotion2vec from a checkpoint directory or hub id onto ``device`` in ``dtype``."""
-    started = time.perf_counter()
-    device = _resolve_device(device)
-    dtype = _resolve_dtype(dtype, device)
-    directory = resolve_checkpoint(source, hub)
-    import_funasr()
-    from funasr import AutoModel
+    """Load emotion2vec from a checkpoint directory or hub id onto ``device`` in ``dtype``.
 
+    ``trusted`` lets torch unpickle a model.pt that holds more than tensors (never by default).
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    dtype = check_dtype(dtype, device)
+    directory = resolve_checkpoint(source, hub)
     threads = threads or os.cpu_count() or 1
-    if _trusted():  # FunASR calls torch.load without weights_only; torch reads this per call
-        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with _quiet_funasr():
-            auto = AutoModel(
-                model=str(directory),
-                device=device,
-                ncpu=threads,
-                disable_update=True,
-                disable_log=True,
-                disable_pbar=True,
-                log_level="ERROR",
-            )
-    except pickle.UnpicklingError as exc:
-        raise _untrusted_pickle(directory / "model.pt") from exc
+        module, tokens = build_module(directory, device="cpu", threads=threads)
     except Exception as exc:
         raise ModelLoadError(f"FunASR could not build the model from {directory}: {exc}") from exc
-    finally:
-        if _trusted():
-            os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    module = auto.model
-    tokens = list(auto.kwargs.get("token_list") or [])
-    if not tokens or module.proj is None:
+    if not tokens or getattr(module, "proj", None) is None:
         raise ModelLoadError(f"{directory} has no classification head or tokens.txt is empty")
-    _check_weights(module, directory)
+    _load_weights(module, directory, trusted=trusted)
     model = EmotionModel(
         module,
         tokens,
@@ -451,7 +311,6 @@ def load_model(
         source=str(source),
         random_weights=is_random_checkpoint(directory),
     )
-    model.predict(np.zeros((1, 32000), np.float32))  # first call pays one-off kernel setup
     log.info(
         "model loaded",
         extra={

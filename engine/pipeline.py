@@ -119,13 +119,19 @@ class Summary:
         self._peaks: list[tuple[float, float, float]] = []  # heap of (index, start_s, end_s)
 
     def add(self, result: FrameResult) -> None:
+        self.add_values(
+            result.scores, result.emotion, result.stress.index, result.start_s, result.end_s
+        )
+
+    def add_values(
+        self, scores: dict[str, float], emotion: str, index: float, start_s: float, end_s: float
+    ) -> None:
         self.windows += 1
-        self._scores += [result.scores[label] for label in self.labels]
-        self._dominant[result.emotion] += 1
-        index = result.stress.index
+        self._scores += [scores.get(label, 0.0) for label in self.labels]
+        self._dominant[emotion] = self._dominant.get(emotion, 0) + 1
         self._stress_sum += index
         self._stress_max = max(self._stress_max, index)
-        item = (index, result.start_s, result.end_s)
+        item = (index, start_s, end_s)
         if len(self._peaks) < self.PEAKS:
             heapq.heappush(self._peaks, item)
         else:
@@ -209,15 +215,23 @@ class StreamPipeline:
         return self.feed_samples(samples), errors
 
     def feed_samples(self, samples: np.ndarray) -> Fed:
-        """Advance the stream by mono float32 samples at 16 kHz."""
+        """Advance the stream by mono float32 samples at 16 kHz, of any length.
+
+        Windows are cut as the audio arrives: a feed longer than the ring buffer can hold is
+        taken in slices, each window read out before later audio overwrites it.
+        """
         if self.finished:
             raise RuntimeError("the stream has finished")
-        self._ring.write(samples)
-        fed = Fed(vad_events=self._vad.process(samples))
-        due = self._scheduler.due(self._ring.end, self._vad)
-        fed.windows = [self._window(w) for w in due.windows]
-        fed.skipped_silence = due.skipped_silence
-        self.skipped_silence += due.skipped_silence
+        fed = Fed()
+        step = self._ring.capacity - self._scheduler.window_samples
+        for at in range(0, samples.shape[0], step):
+            part = samples[at : at + step]
+            self._ring.write(part)
+            fed.vad_events += self._vad.process(part)
+            due = self._scheduler.due(self._ring.end, self._vad)
+            fed.windows += [self._window(w) for w in due.windows]
+            fed.skipped_silence += due.skipped_silence
+        self.skipped_silence += fed.skipped_silence
         return fed
 
     def finish(self) -> Fed:
@@ -245,8 +259,13 @@ class StreamPipeline:
         device: str,
         fallback_reason: str | None = None,
         embedding: np.ndarray | None = None,
+        prosody_missing: str | None = None,
     ) -> FrameResult:
-        """Combine a window's probabilities and prosody into its result; windows in stream order."""
+        """Combine a window's probabilities and prosody into its result; windows in stream order.
+        ``prosody_missing`` says why the window has no prosody (its stress then rests on the
+        emotions alone, with lower confidence)."""
+        if not np.isfinite(probs).all():
+            raise ValueError("the window's probabilities are not finite")
         scores = {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
         best = max(scores, key=scores.__getitem__)
         result = FrameResult(
@@ -255,7 +274,9 @@ class StreamPipeline:
             emotion=best,
             confidence=scores[best],
             scores=scores,
-            stress=self.scorer.update(prosody, scores, window.speech_ratio),
+            stress=self.scorer.update(
+                prosody, scores, window.speech_ratio, prosody_missing=prosody_missing
+            ),
             speech_ratio=window.speech_ratio,
             device=device,
             fallback_reason=fallback_reason,
@@ -271,6 +292,7 @@ class StreamPipeline:
             duration_s=round(self.audio_s, 3),
             speech_s=round(self.speech_s, 3),
             skipped_silence=self.skipped_silence,
+            narrowband=self.narrowband,
         )
         return out
 

@@ -111,7 +111,12 @@ class StressScorer:
         return float(np.mean(values)), max(float(np.std(values, ddof=1)), floor)
 
     def update(
-        self, prosody: Prosody, scores: dict[str, float], speech_ratio: float
+        self,
+        prosody: Prosody,
+        scores: dict[str, float],
+        speech_ratio: float,
+        *,
+        prosody_missing: str | None = None,
     ) -> StressResult:
         self._learn(prosody)
         components: dict[str, dict[str, Any]] = {}
@@ -150,6 +155,8 @@ class StressScorer:
             "weight": EMOTION_SHARE,
             "points": round(emotion_points, 1),
         }
+        if prosody_missing is not None:
+            components["prosody"] = {"available": False, "reason": prosody_missing, "points": 0.0}
         raw = float(np.clip(prosody_points + emotion_points, 0.0, 100.0))
         if self._smoothed is None:
             self._smoothed = raw

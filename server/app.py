@@ -1,4 +1,10 @@
-"""The Flask + Flask-SocketIO application: ``create_app(settings)`` and ``serve(settings)``."""
+"""The Flask + Flask-SocketIO application, assembled from a Service: ``create_app`` and ``serve``.
+
+``create_app`` builds the network edge — the Socket.IO namespace, the telephony WebSockets, the
+HTTP API — and the subscribers that carry session events to rooms, the store, the monitor and
+the metrics. ``serve`` is ``voxaffect serve``: it loads the Service (the model first), then opens
+the port, and on SIGTERM ends every session (summaries stored) before it exits.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +16,27 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
-from server import api, events, telephony
+from server import api, telephony
 from server.auth import origin_check
-from server.concurrency import (
-    eventlet_active,
-    fast_websocket_unmasking,
-    native_locks_for_shared_libraries,
-)
-from server.service import Service
+from server.events import EventBus
+from server.factory import SessionFactory
+from server.runtime import ThreadRuntime
+from server.service import Service, WrapPredictor
 from server.settings import Settings
-from server.streaming import Streams
+from server.socketio_edge import StreamNamespace
+from server.subscribers import MetricsRecorder, MonitorPublisher, RoomPublisher, StoreRecorder
+from server.telephony import TelephonyEdge
 
 log = logging.getLogger(__name__)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+HUB_TICK_S = 0.05
 
 
 class _Formatter(logging.Formatter):
@@ -50,18 +58,31 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def create_app(
-    settings: Settings, service: Service | None = None
-) -> tuple[Flask, SocketIO, Service]:
-    native_locks_for_shared_libraries()
-    fast_websocket_unmasking()
-    service = service or Service.load(settings)
+@dataclass
+class App:
+    flask: Flask
+    socketio: SocketIO
+    service: Service
+    factory: SessionFactory
+    bus: EventBus
+
+    def end_all(self, reason: str, timeout_s: float = 5.0) -> None:
+        """End every session (their summaries are stored) and wait for them, up to a limit."""
+        runners = self.service.registry.all()
+        for runner in runners:
+            runner.end(reason)
+        deadline = time.monotonic() + timeout_s
+        while any(not r.done.is_set() for r in runners) and time.monotonic() < deadline:
+            self.socketio.sleep(0.05)
+
+
+def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> App:
     static = Path(settings.static_dir)
-    app = Flask(__name__, static_folder=str(static), static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
+    flask = Flask(__name__, static_folder=str(static), static_url_path="/static")
+    flask.config["MAX_CONTENT_LENGTH"] = int(settings.max_upload_mb * 1024 * 1024)
     socketio = SocketIO(
-        app,
-        async_mode="eventlet" if eventlet_active() else "threading",
+        flask,
+        async_mode=runtime.async_mode,
         # None = same origin only; with an allow-list, a check that keeps same origin too.
         # Never pass an empty list: python-engineio treats it as "no check at all".
         cors_allowed_origins=origin_check(settings) if settings.cors_origins else None,
@@ -72,31 +93,63 @@ def create_app(
         logger=False,
         engineio_logger=False,
     )
-    streams = Streams(
-        registry=service.registry,
-        batcher=service.batcher,
-        store=service.store,
-        metrics=service.metrics,
-        model_info=service.model_info,
-        emit=socketio.emit,
-        spawn=socketio.start_background_task,
-        sleep=socketio.sleep,
-        measure=service.measure,
+    metrics = service.metrics
+    room = RoomPublisher(socketio.emit, socketio.close_room)
+    bus = EventBus(
+        runtime,
+        [
+            StoreRecorder(service.store, room),
+            MonitorPublisher(socketio.emit),
+            MetricsRecorder(metrics, service.clock),
+        ],
+        queue_size=settings.subscriber_queue,
+        on_drop=lambda name: metrics.events_dropped.labels(name).inc(),
     )
-    service.streams = streams
-    events.register(socketio, settings, streams)
-    app.register_blueprint(api.blueprint(service))
-    telephony.register(app, service)
+    factory = SessionFactory(
+        settings,
+        registry=service.registry,
+        store=service.store,
+        analyser=service.analyser,
+        publish=bus.publish,
+        runtime=runtime,
+        model_info=service.model_info,
+        clock=service.clock,
+    )
+    socketio.on_namespace(
+        StreamNamespace(
+            socketio,
+            settings=settings,
+            factory=factory,
+            registry=service.registry,
+            store=service.store,
+            metrics=metrics,
+            publish=bus.publish,
+            runtime=runtime,
+            clock=service.clock,
+        )
+    )
+    telephony.register(
+        flask,
+        TelephonyEdge(
+            settings,
+            factory=factory,
+            registry=service.registry,
+            metrics=metrics,
+            clock=service.clock,
+        ),
+    )
+    api.register_error_handlers(flask, service)
+    flask.register_blueprint(api.blueprint(service, factory))
 
-    @app.get("/")
+    @flask.get("/")
     def index() -> Response:
         return send_from_directory(static, "index.html")
 
-    @app.get("/monitor")
+    @flask.get("/monitor")
     def monitor() -> Response:
         return send_from_directory(static, "monitor.html")
 
-    @app.get("/favicon.ico")
+    @flask.get("/favicon.ico")
     def favicon() -> Response:
         return send_from_directory(static, "favicon.svg", mimetype="image/svg+xml")
 
@@ -104,19 +157,25 @@ def create_app(
         while True:
             socketio.sleep(1.0)
             try:
-                streams.reap(settings.resume_ttl_s, settings.idle_timeout_s)
+                for runner, reason in service.registry.expired(
+                    resume_ttl_s=settings.resume_ttl_s,
+                    idle_timeout_s=settings.idle_timeout_s,
+                    call_rejoin_s=settings.call_rejoin_s,
+                ):
+                    runner.end(reason)
+                metrics.store_degraded.set(int(service.store.degraded))
             except Exception:
-                log.exception("reaping sessions failed")
+                log.exception("housekeeping failed")
 
-    def watch_hub(interval_s: float = 0.05) -> None:
+    def watch_hub() -> None:
         while True:
             start = time.monotonic()
-            socketio.sleep(interval_s)
-            service.metrics.hub_lag_seconds.observe(max(0.0, time.monotonic() - start - interval_s))
+            socketio.sleep(HUB_TICK_S)
+            metrics.hub_lag_seconds.observe(max(0.0, time.monotonic() - start - HUB_TICK_S))
 
-    socketio.start_background_task(housekeeping)
-    socketio.start_background_task(watch_hub)
-    return app, socketio, service
+    runtime.spawn(housekeeping)
+    runtime.spawn(watch_hub)
+    return App(flask, socketio, service, factory, bus)
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:
@@ -132,22 +191,19 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
     )
 
 
-def serve(settings: Settings) -> None:
+def serve(
+    settings: Settings, runtime: ThreadRuntime, wrap_predictor: WrapPredictor | None = None
+) -> None:
     configure_logging(settings.log_level)
     threading.excepthook = _thread_exception
     log.info("loading model (the port opens once it is ready)", extra={"model": settings.model})
-    service = Service.load(settings)
-    app, socketio, service = create_app(settings, service)
+    service = Service.load(settings, runtime, wrap_predictor=wrap_predictor)
+    app = create_app(settings, service, runtime)
 
     def shutdown() -> None:
         service.ready = False
-        streams = service.streams
-        assert streams is not None
-        for session in service.registry.all():
-            streams.end(session, "server stopping")  # summaries stored
-        deadline = time.monotonic() + 5.0
-        while len(service.registry) and time.monotonic() < deadline:
-            socketio.sleep(0.05)
+        app.end_all("server stopping")
+        app.bus.close()
         service.close()
         log.info("stopped")
         logging.shutdown()
@@ -156,7 +212,7 @@ def serve(settings: Settings) -> None:
     def stop(signum: int, _: Any) -> None:
         # Signal handlers run inside the hub's own loop, which must not block: hand over.
         log.info("stopping: ending sessions", extra={"signal": signum})
-        socketio.start_background_task(shutdown)
+        runtime.spawn(shutdown)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -165,4 +221,13 @@ def serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
     log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
-    socketio.run(app, host=settings.host, port=settings.port, log_output=False)
+    app.socketio.run(
+        app.flask,
+        host=settings.host,
+        port=settings.port,
+        log_output=False,
+        # A connection that sends no request line within this is closed (half-open sockets);
+        # a connected client's reads are bounded too: Engine.IO pings every 25 s.
+        keepalive=settings.handshake_timeout_s,
+        socket_timeout=max(75.0, settings.handshake_timeout_s),
+    )

@@ -28,23 +28,25 @@ def request_token(request: Request) -> str | None:
     return request.headers.get("X-API-Token") or request.args.get("token")
 
 
+def origin_allowed(settings: Settings, origin: str | None, environ: dict[str, Any]) -> bool:
+    """A browser's Origin is allowed if it is the page's own (as the client reached it, through a
+    proxy's X-Forwarded-* too) or one of ``settings.cors_origins``. No Origin (a media server, a
+    script) is allowed: Origin guards browsers only."""
+    if origin is None or origin in settings.cors_origins:
+        return True
+    host = environ.get("HTTP_HOST", "")
+    scheme = environ.get("wsgi.url_scheme", "http")
+    own = {f"{scheme}://{host}"}
+    if "HTTP_X_FORWARDED_HOST" in environ or "HTTP_X_FORWARDED_PROTO" in environ:
+        fwd_scheme = environ.get("HTTP_X_FORWARDED_PROTO", scheme).split(",")[0].strip()
+        fwd_host = environ.get("HTTP_X_FORWARDED_HOST", host).split(",")[0].strip()
+        own.add(f"{fwd_scheme}://{fwd_host}")
+    return origin in own
+
+
 def origin_check(settings: Settings) -> Callable[[str | None, dict[str, Any]], bool]:
     """python-engineio's CORS check: the page's own origin plus ``settings.cors_origins``.
 
     (A list passed to python-engineio replaces its same-origin rule rather than adding to it.)
     """
-    extra = set(settings.cors_origins)
-
-    def allowed(origin: str | None, environ: dict[str, Any]) -> bool:
-        if origin is None or origin in extra:
-            return True
-        host = environ.get("HTTP_HOST", "")
-        scheme = environ.get("wsgi.url_scheme", "http")
-        own = {f"{scheme}://{host}"}
-        if "HTTP_X_FORWARDED_HOST" in environ or "HTTP_X_FORWARDED_PROTO" in environ:
-            fwd_scheme = environ.get("HTTP_X_FORWARDED_PROTO", scheme).split(",")[0].strip()
-            fwd_host = environ.get("HTTP_X_FORWARDED_HOST", host).split(",")[0].strip()
-            own.add(f"{fwd_scheme}://{fwd_host}")
-        return origin in own
-
-    return allowed
+    return lambda origin, environ: origin_allowed(settings, origin, environ)

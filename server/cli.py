@@ -60,15 +60,16 @@ def _pipeline_config(args: argparse.Namespace) -> Any:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from engine.audio import AudioFormatError, load_file
-    from engine.model import ModelLoadError, load_model
+    from engine.hub import ModelLoadError
+    from engine.model import load_model
     from engine.pipeline import analyze
 
     try:
         config = _pipeline_config(args)
         samples, rate = load_file(args.file)
-        model = load_model(
-            args.model, device=args.device, dtype=args.dtype, hub=args.hub, threads=args.threads
-        )
+        model = load_model(args.model, device=args.device, hub=args.hub, threads=args.threads)
+        if args.dtype not in ("auto", "fp32"):
+            model = model.converted(args.dtype)
     except (AudioFormatError, ModelLoadError, ValueError) as exc:
         print(f"voxaffect analyze: {exc}", file=sys.stderr)
         return 2
@@ -121,7 +122,7 @@ def cmd_random_model(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     import shutil
 
-    from engine.model import ModelLoadError, resolve_checkpoint
+    from engine.hub import ModelLoadError, resolve_checkpoint
 
     try:
         cached = resolve_checkpoint(args.model_id, args.hub)
@@ -233,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TEST_WRAP_PREDICTOR = "VOXAFFECT_TEST_WRAP_PREDICTOR"  # tests only: "module:callable"
+
+
+def _predictor_wrapper() -> Any:
+    """A test's hook around the model (``module:callable`` taking and returning a predictor),
+    e.g. one that holds each batch until the test releases it. Never set in production."""
+    spec = os.environ.get(TEST_WRAP_PREDICTOR)
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def serve(argv: list[str]) -> int:
     """Monkey-patch eventlet before anything else imports threading or sockets."""
     import warnings
@@ -245,6 +261,7 @@ def serve(argv: list[str]) -> int:
 
     eventlet.monkey_patch()
     from server.app import serve as run
+    from server.runtime import EventletRuntime
     from server.settings import parse
 
     try:
@@ -252,10 +269,12 @@ def serve(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"voxaffect serve: {exc}", file=sys.stderr)
         return 2
-    from engine.model import ModelLoadError
+    from engine.hub import ModelLoadError
 
+    runtime = EventletRuntime()
+    runtime.install()
     try:
-        run(settings)
+        run(settings, runtime, wrap_predictor=_predictor_wrapper())
     except ModelLoadError as exc:
         print(f"voxaffect serve: {exc}", file=sys.stderr)
         return 2

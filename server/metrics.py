@@ -30,6 +30,9 @@ disable_created_metrics()  # *_created series only clutter the exposition
 log = logging.getLogger(__name__)
 
 FALLBACK_REASONS = ("timeout", "oom", "error", "circuit_open", "busy")
+SKIP_REASONS = ("silence", "superseded")
+PROSODY_FAILURES = ("timeout", "died", "error")
+STORE_ERRORS = ("unreachable", "rejected", "dropped")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -90,6 +93,24 @@ class Metrics:
         self.telephony_events = Counter(
             p + "telephony_events", "Telephony stream messages", ["protocol", "kind"], registry=r
         )
+        self.prosody_failures = Counter(
+            p + "prosody_failures",
+            "Windows analysed without prosody, by why (the worker was replaced)",
+            ["reason"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            p + "store_errors", "Failed store writes, by kind", ["kind"], registry=r
+        )
+        self.store_degraded = Gauge(
+            p + "store_degraded", "1 while the store is unreachable and writes wait", registry=r
+        )
+        self.events_dropped = Counter(
+            p + "events_dropped",
+            "Session events a subscriber lost because it fell behind",
+            ["subscriber"],
+            registry=r,
+        )
         self.ready = Gauge(p + "ready", "1 when the model is loaded and serving", registry=r)
         self.model_info = Info(p + "model", "The loaded model", registry=r)
         self.gpu_utilization: Gauge | None = None
@@ -102,8 +123,14 @@ class Metrics:
                 self.inferences.labels(device, outcome)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
-        for reason in ("silence", "busy"):
+        for reason in SKIP_REASONS:
             self.windows_skipped.labels(reason)
+        for reason in PROSODY_FAILURES:
+            self.prosody_failures.labels(reason)
+        for kind in STORE_ERRORS:
+            self.store_errors.labels(kind)
+        for name in ("room", "monitor", "metrics", "store"):
+            self.events_dropped.labels(name)
         for code in ERROR_CODES:
             self.errors.labels(code)
         for label in labels:

@@ -1,10 +1,14 @@
-"""Prosody measured in worker processes.
+"""Prosody measured in worker processes, each call with a time limit.
 
 Praat (parselmouth) holds the GIL while it runs — 130 ms for a 12 s window here — and under
 eventlet every greenthread shares the hub's one OS thread, so a Praat call on a native thread
 would still stall every client. Worker processes have GILs of their own. Each worker reads
-length-prefixed pickled requests on stdin and answers on stdout; under eventlet those pipes are
-green, so a greenthread waiting for an answer yields to the rest of the server.
+length-prefixed pickled requests on stdin and answers on stdout; the pipes are green, so a
+greenthread waiting for an answer yields to the rest of the server.
+
+A worker that does not answer within ``timeout_s`` (hung, stopped) or whose pipe breaks (died) is
+killed and replaced in the background, and the window goes on without prosody
+(:class:`ProsodyUnavailable`); so does a window that finds no free worker within ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Any
 import numpy as np
 
 from engine.prosody import Prosody, measure
+from server.analysis import ProsodyUnavailable
+from server.runtime import EventletRuntime
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<I")
+_STARTUP_S = 120.0  # a new worker's interpreter start and Praat's first call
 
 
 def _read(stream: Any) -> Any:
@@ -41,80 +48,116 @@ def _frame(obj: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _write(stream: Any, obj: Any) -> None:
-    stream.write(_frame(obj))
-    stream.flush()
-
-
-def _send(fd: int, obj: Any) -> None:
-    """Write a request to a worker's pipe from a greenthread.
-
-    eventlet's green ``os.write`` retries EPIPE forever, so a write to a worker that died would
-    never return: this writes with the unpatched call (a dead worker raises BrokenPipeError)
-    and waits on the hub only while the pipe is full.
-    """
-    from eventlet.hubs import trampoline
-    from eventlet.patcher import original
-
-    write = original("os").write
-    view = memoryview(_frame(obj))
-    while view:
-        try:
-            view = view[write(fd, view) :]
-        except BlockingIOError:
-            trampoline(fd, write=True)
+class _WorkerFailed(Exception):
+    """The worker answered, with an error from Praat: the worker itself is fine."""
 
 
 class _Worker:
-    def __init__(self) -> None:
+    def __init__(self, runtime: EventletRuntime) -> None:
+        self.runtime = runtime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.prosody_pool"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def measure(self, samples: np.ndarray, narrowband: bool) -> Prosody:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        _send(self.proc.stdin.fileno(), (samples, narrowband))
+        self.runtime.write_all(self.proc.stdin.fileno(), _frame((samples, narrowband)))
         ok, value = _read(self.proc.stdout)
         if not ok:
-            raise RuntimeError(f"prosody failed: {value}")
+            raise _WorkerFailed(value)
         return value
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.kill()  # SIGKILL also ends a stopped process
+        self.proc.wait()
 
 
 class ProsodyPool:
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, runtime: EventletRuntime, workers: int = 1, timeout_s: float = 5.0) -> None:
+        self._runtime = runtime
+        self.timeout_s = timeout_s
         self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._all: list[_Worker] = []
-        silence = np.zeros(16000, dtype=np.float32)
+        self._all: set[_Worker] = set()
+        self._closed = False
         for _ in range(workers):
-            worker = _Worker()
-            worker.measure(silence, False)  # Praat's first call pays for its setup: not a client
-            self._all.append(worker)
-            self._idle.put(worker)
+            self._idle.put(self._start())
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self._runtime)
+        self._all.add(worker)
+        with self._runtime.deadline(_STARTUP_S):
+            worker.measure(np.zeros(16000, np.float32), False)  # Praat's setup: not a client's
+        return worker
 
     def measure(self, samples: np.ndarray, narrowband: bool = False) -> Prosody:
-        worker = self._idle.get()
         try:
-            return worker.measure(samples, narrowband)
-        except (EOFError, OSError, pickle.PickleError):
-            log.exception("prosody worker died; starting another")
-            worker.close()
-            self._all.remove(worker)
-            worker = _Worker()
-            self._all.append(worker)
-            raise
-        finally:
+            worker = self._idle.get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise ProsodyUnavailable("timeout", "no prosody worker was free") from None
+        try:
+            with self._runtime.deadline(self.timeout_s):
+                prosody = worker.measure(samples, narrowband)
+        except _WorkerFailed as exc:
             self._idle.put(worker)
+            raise ProsodyUnavailable("error", str(exc)) from None
+        except TimeoutError:
+            self._replace(worker, f"no answer within {self.timeout_s:g} s")
+            raise ProsodyUnavailable("timeout") from None
+        except (EOFError, OSError, pickle.PickleError) as exc:
+            self._replace(worker, f"it died ({exc!r})")
+            raise ProsodyUnavailable("died") from None
+        self._idle.put(worker)
+        return prosody
+
+    def _replace(self, worker: _Worker, why: str) -> None:
+        log.warning("prosody worker replaced: %s", why, extra={"pid": worker.pid})
+        self._all.discard(worker)
+        self._runtime.spawn(self._restart, worker)
+
+    def _restart(self, old: _Worker) -> None:
+        old.close()
+        if self._closed:
+            return
+        try:
+            self._idle.put(self._start())
+        except Exception:
+            log.exception("starting a prosody worker failed; retrying")
+            self._runtime.sleep(1.0)
+            self._runtime.spawn(self._restart, old)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._all]
 
     def close(self) -> None:
-        for worker in self._all:
+        self._closed = True
+        for worker in list(self._all):
             worker.close()
+
+
+class InProcessProsody:
+    """Prosody on a native thread of this process (no event loop to protect: tests, scripts)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    def measure(self, samples: np.ndarray, narrowband: bool = False) -> Prosody:
+        return self._runtime.offload(measure, samples, narrowband=narrowband)
+
+    def close(self) -> None:
+        pass
+
+
+def _write(stream: Any, obj: Any) -> None:
+    stream.write(_frame(obj))
+    stream.flush()
 
 
 def _serve() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import soundfile as sf
 
-from engine.audio import AudioFormat, AudioFormatError
+from engine.audio import MAX_RATE, MIN_RATE, AudioFormat, AudioFormatError
 
 ERROR_CODES = (
     "INVALID_MESSAGE",  # not an object, a missing or mistyped field
@@ -23,13 +23,14 @@ ERROR_CODES = (
     "UNSUPPORTED_ENCODING",
     "PAYLOAD_TOO_LARGE",
     "UNKNOWN_SESSION",
+    "SESSION_EXISTS",  # a client-chosen id that is live or stored already
     "RATE_LIMITED",
     "SESSION_LIMIT",
     "UNAUTHORIZED",
     "INFERENCE_TIMEOUT",
     "INFERENCE_FAILED",
 )
-_SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
 
 
@@ -56,14 +57,26 @@ def _object(data: Any, event: str) -> dict[str, Any]:
     return data
 
 
+def valid_id(value: Any) -> bool:
+    """A session id from any source (Socket.IO, a call's callSid or uuid): 1-128 letters, digits
+    or ``._:-``. Ids end up in URLs, file names, headers and rooms: nothing else gets in."""
+    return isinstance(value, str) and bool(_SESSION_ID.fullmatch(value))
+
+
+def describe_id(value: Any) -> str:
+    """A bad id, shortened for a message or a log line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def session_id_of(data: Any, event: str, *, required: bool = True) -> str | None:
     value = _object(data, event).get("session_id")
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not _SESSION_ID.match(value):
+    if not valid_id(value):
         raise ProtocolError(
             "INVALID_MESSAGE",
-            f"{event} needs session_id: 1-128 letters, digits or ._:- (got {value!r})",
+            f"{event} needs session_id: 1-128 letters, digits or ._:- (got {describe_id(value)})",
         )
     return value
 
@@ -136,11 +149,17 @@ def parse_chunk(data: Any, max_bytes: int) -> tuple[str, bytes]:
 
 
 def chunk_seconds(data: bytes, fmt: AudioFormat) -> float:
-    """Audio duration of a chunk, from its size (or a wav chunk's header)."""
-    if fmt.encoding == "wav":
-        try:
-            info = sf.info(io.BytesIO(data))
-        except (sf.LibsndfileError, RuntimeError):
-            return 0.0  # decoding reports it
-        return float(info.frames) / info.samplerate if info.samplerate else 0.0
-    return len(data) / (_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels * fmt.sample_rate)
+    """Audio duration of a chunk, from its size (or a wav chunk's header, which must be valid:
+    its rate decides how much audio the chunk claims to hold)."""
+    if fmt.encoding != "wav":
+        return len(data) / (_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels * fmt.sample_rate)
+    try:
+        info = sf.info(io.BytesIO(data))
+    except Exception:  # libsndfile reports several unrelated types for garbage
+        raise ProtocolError("INVALID_AUDIO", "unreadable wav chunk") from None
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise ProtocolError(
+            "INVALID_AUDIO",
+            f"wav chunk sample rate {info.samplerate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
+        )
+    return float(info.frames) / info.samplerate

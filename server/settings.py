@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.pipeline import PipelineConfig
+from server.store import database_url, redacted
 
 ENV_PREFIX = "VOXAFFECT_"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -39,6 +40,10 @@ class Settings:
     message_queue: str = field(
         default="", metadata={"help": "redis:// URL shared by several server processes"}
     )
+    handshake_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "seconds a new TCP connection gets to send its request"},
+    )
     # model and inference
     model: str = field(
         default="iic/emotion2vec_plus_large", metadata={"help": "checkpoint directory or hub id"}
@@ -47,6 +52,10 @@ class Settings:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     dtype: str = field(
         default="auto", metadata={"help": "auto, fp32, fp16, bf16 or int8 (CPU only)"}
+    )
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "let torch unpickle a model.pt that holds more than tensors"},
     )
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     cpu_lanes: int = field(
@@ -60,8 +69,15 @@ class Settings:
     )
     max_batch: int = field(default=8, metadata={"help": "windows per forward pass at most"})
     max_wait_ms: float = field(default=10.0, metadata={"help": "how long a batch waits to fill"})
+    inference_timeout_s: float = field(
+        default=30.0, metadata={"help": "a window not answered in this long is INFERENCE_TIMEOUT"}
+    )
     prosody_workers: int = field(
         default=1, metadata={"help": "processes measuring prosody (Praat holds the GIL)"}
+    )
+    prosody_timeout_s: float = field(
+        default=5.0,
+        metadata={"help": "seconds a prosody worker gets per window before it is replaced"},
     )
     embeddings: bool = field(
         default=False, metadata={"help": "include each window's embedding in results"}
@@ -89,6 +105,17 @@ class Settings:
     max_realtime_factor: float = field(
         default=4.0, metadata={"help": "fastest accepted send rate, as a multiple of real time"}
     )
+    rate_burst_s: float = field(
+        default=5.0, metadata={"help": "seconds of audio a client may send ahead of that rate"}
+    )
+    inbox_max_bytes: int = field(
+        default=4_194_304,
+        metadata={"help": "audio bytes a session may have waiting; beyond, RATE_LIMITED"},
+    )
+    subscriber_queue: int = field(
+        default=10_000,
+        metadata={"help": "events waiting per subscriber (rooms, store, metrics) at most"},
+    )
     results_kept: int = field(
         default=600, metadata={"help": "results per session kept in memory for resume"}
     )
@@ -98,8 +125,32 @@ class Settings:
         default=("customer",),
         metadata={"help": "call parties analysed: customer and/or agent (see README, EU AI Act)"},
     )
+    hash_caller_ids: bool = field(
+        default=False,
+        metadata={"help": "store caller numbers from call metadata as HMAC-SHA256 pseudonyms"},
+    )
+    caller_id_key: str = field(
+        default="", metadata={"help": "secret key of those pseudonyms (the same on every node)"}
+    )
+    call_rejoin_s: float = field(
+        default=10.0,
+        metadata={"help": "how long a call whose media connection dropped waits for it to rejoin"},
+    )
+    twilio_reorder_chunks: int = field(
+        default=5,
+        metadata={"help": "later Twilio chunks that arrive before a missing one is filled"},
+    )
+    telephony_max_frame_bytes: int = field(
+        default=65_536, metadata={"help": "largest telephony media frame or payload"}
+    )
     # storage and ops
-    db: str = field(default="voxaffect.db", metadata={"help": "SQLite file for session timelines"})
+    db: str = field(
+        default="voxaffect.db",
+        metadata={"help": "SQLite file, or postgresql://user:pass@host/db shared by every node"},
+    )
+    node: str = field(
+        default="", metadata={"help": "this process's name in the store; empty = hostname:port"}
+    )
     static_dir: str = field(
         default=str(PROJECT_DIR / "static"), metadata={"help": "directory of the web page"}
     )
@@ -110,11 +161,32 @@ class Settings:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if self.max_batch < 1 or self.cpu_lanes < 1 or self.max_sessions < 1:
             raise ValueError("max_batch, cpu_lanes and max_sessions must be at least 1")
-        if self.deadline_s <= 0 or self.max_realtime_factor <= 0:
-            raise ValueError("deadline_s and max_realtime_factor must be positive")
+        for name in (
+            "deadline_s",
+            "max_realtime_factor",
+            "inference_timeout_s",
+            "prosody_timeout_s",
+            "handshake_timeout_s",
+            "call_rejoin_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in (
+            "max_chunk_bytes",
+            "inbox_max_bytes",
+            "subscriber_queue",
+            "twilio_reorder_chunks",
+            "telephony_max_frame_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.inbox_max_bytes < self.max_chunk_bytes:
+            raise ValueError("inbox_max_bytes must hold at least one chunk of max_chunk_bytes")
         bad = set(self.telephony_tracks) - {"customer", "agent"}
         if bad:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
+        if self.hash_caller_ids and len(self.caller_id_key) < 16:
+            raise ValueError("hash_caller_ids needs caller_id_key: a secret of 16+ characters")
         if "" in self.api_tokens:
             raise ValueError("an API token cannot be empty")
         self.pipeline_config()  # validates the analysis settings
@@ -137,7 +209,9 @@ class Settings:
         """Settings safe to show (no tokens)."""
         out = dataclasses.asdict(self)
         out["api_tokens"] = len(self.api_tokens)
+        out["caller_id_key"] = bool(self.caller_id_key)
         out.pop("message_queue")
+        out["db"] = redacted(database_url(self.db)) if "://" in self.db else self.db
         return out
 
     @classmethod
@@ -197,3 +271,25 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     parser = argparse.ArgumentParser(prog="voxaffect serve")
     Settings.add_arguments(parser)
     return Settings.from_sources(parser.parse_args(argv), environ)
+
+
+def markdown_table() -> str:
+    """The README's settings table: ``python -m server.settings``."""
+    rows = ["| env var | flag | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default: Any = f.default
+        if f.name == "static_dir":
+            default = "static/"
+        elif isinstance(default, tuple):
+            default = ",".join(default) or "(empty)"
+        elif default == "":
+            default = "(empty)"
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(
+            f"| `{ENV_PREFIX}{f.name.upper()}` | `{flag}` | `{default}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

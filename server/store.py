@@ -1,213 +1,510 @@
-"""Session timelines in SQLite (WAL): sessions, their results and summaries.
+"""Session timelines in a database: SQLite (a file path, the default) or PostgreSQL (a
+``postgresql://`` URL that every node shares), through SQLAlchemy Core.
 
-Writes are queued and committed by one native writer thread every ``flush_s`` (0.5 s), so the
-eventlet hub never waits on the disk and a crash loses at most the last ``flush_s`` of results.
-Reads open their own connection (WAL lets them run beside the writer); call them through
-``concurrency.offload`` from the hub.
+The schema is created and migrated at start from the numbered SQL files in ``migrations/``.
+
+Writes are queued and committed in batches by one writer loop (a greenthread) whose database
+calls run on native threads, so the event loop never waits on the database. Each write can carry
+a ``then``, called once the write is committed, in order — the server sends a result to its
+client from there, so a result a client has seen is in the database. When the database is
+unreachable, writes wait in a bounded buffer and are retried with backoff; their ``then`` runs
+anyway (live analysis never stops for the database) and the store reports itself degraded.
+Reads run on a native thread: call them through ``runtime.offload``.
+
+Every database call holds one native lock, so the libraries' own locks (green under eventlet)
+are never contended between native threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import sqlite3
+import queue
+import re
 import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.concurrency import native
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from server.runtime import ThreadRuntime
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    config TEXT,
-    model TEXT,
-    meta TEXT,
-    summary TEXT
-);
-CREATE TABLE IF NOT EXISTS results (
-    session_id TEXT NOT NULL REFERENCES sessions(id),
-    seq INTEGER NOT NULL,
-    track TEXT,
-    start_s REAL NOT NULL,
-    end_s REAL NOT NULL,
-    emotion TEXT NOT NULL,
-    stress REAL,
-    payload TEXT NOT NULL,
-    PRIMARY KEY (session_id, seq)
-);
-CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_at);
-"""
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+_ADVISORY_LOCK = 7_300_511  # PostgreSQL: one node migrates at a time
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.row_factory = sqlite3.Row
-    return conn
+def database_url(db: str) -> str:
+    """``--db``: a file path means SQLite; a ``postgresql://`` URL means PostgreSQL."""
+    if db.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + db.split("://", 1)[1]
+    if db.startswith(("postgresql+", "sqlite:")):
+        return db
+    if db == ":memory:":
+        return "sqlite://"
+    Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return "sqlite:///" + str(Path(db).expanduser())
+
+
+def redacted(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 10.0})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: commits survive a process crash
+            cur.close()
+
+        return engine
+    return sa.create_engine(
+        url,
+        pool_size=2,
+        max_overflow=2,
+        pool_pre_ping=True,  # a connection the server dropped is replaced, not used
+        pool_recycle=300,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def migrations() -> list[tuple[int, str, list[str]]]:
+    out = []
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        match = _MIGRATION_FILE.fullmatch(path.name)
+        if not match:
+            raise RuntimeError(f"migration file {path.name} is not named NNNN_name.sql")
+        body = "\n".join(
+            line for line in path.read_text().splitlines() if not line.strip().startswith("--")
+        )
+        statements = [s.strip() for s in body.split(";") if s.strip()]
+        out.append((int(match.group(1)), path.stem, statements))
+    return out
+
+
+def migrate(conn: Connection) -> list[int]:
+    """Apply the migrations this database lacks, in order; the versions applied."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK})
+    conn.execute(
+        sa.text(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name VARCHAR(255) NOT NULL, "
+            "applied_at DOUBLE PRECISION NOT NULL)"
+        )
+    )
+    done = {row[0] for row in conn.execute(sa.text("SELECT version FROM schema_migrations"))}
+    applied = []
+    for version, name, statements in migrations():
+        if version in done:
+            continue
+        for statement in statements:
+            if conn.dialect.name == "sqlite" and _column_exists(conn, statement):
+                continue  # a SQLite file from before migrations already has it
+            conn.execute(sa.text(statement))
+        conn.execute(
+            sa.text(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (:v, :n, :t)"
+            ),
+            {"v": version, "n": name, "t": time.time()},
+        )
+        applied.append(version)
+    return applied
+
+
+def _column_exists(conn: Connection, statement: str) -> bool:
+    match = re.match(r"ALTER TABLE (\w+) ADD COLUMN (\w+)", statement, re.IGNORECASE)
+    if not match:
+        return False
+    columns = {row[1] for row in conn.execute(sa.text(f"PRAGMA table_info({match.group(1)})"))}
+    return match.group(2) in columns
+
+
+@dataclass(slots=True)
+class _Write:
+    sql: str | None  # None: nothing to write, only ``then`` to hand on in order
+    params: dict[str, Any]
+    then: Callable[[], None] | None = None
+    handed_on: bool = False
+
+
+class StoreUnavailable(RuntimeError):
+    pass
 
 
 class Store:
-    def __init__(self, path: str | Path, flush_s: float = 0.5) -> None:
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.flush_s = flush_s
-        with _connect(self.path) as conn:
-            conn.executescript(SCHEMA)
-        self._queue_module = native("queue")
-        self._queue = self._queue_module.Queue()
-        self._pending = 0
-        threading = native("threading")
-        self._pending_lock = threading.Lock()
+    def __init__(
+        self,
+        db: str,
+        *,
+        runtime: ThreadRuntime,
+        node: str = "",
+        on_error: Callable[[str], None] | None = None,
+        buffer_max: int = 50_000,
+        batch_max: int = 500,
+    ) -> None:
+        self.url = database_url(db)
+        self.backend = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        self.node = node
+        self._runtime = runtime
+        self._on_error = on_error or (lambda kind: None)
+        self._buffer_max = buffer_max
+        self._batch_max = batch_max
+        self._engine = _engine(self.url)
+        self._db_lock = runtime.native("threading").Lock()
+        self._queue: queue.Queue[_Write | None] = queue.Queue()
+        self._pending: deque[_Write] = deque()  # taken from the queue, not yet committed
+        self._unwritten = 0  # queued + pending
+        self._idle = runtime.native("threading").Event()
+        self._idle.set()
+        self.degraded = False
+        self.dropped = 0
         self._closed = False
-        self._writer = threading.Thread(target=self._run, name="voxaffect-store", daemon=True)
-        self._writer.start()
+        self._writer: Any = None
 
-    # --- writes (non-blocking) ---------------------------------------------------------------
+    # --- start and stop ----------------------------------------------------------------------
+
+    def start(self) -> list[int]:
+        """Migrate the schema and start the writer; the migrations applied (blocking)."""
+        with self._db_lock, self._engine.begin() as conn:
+            applied = migrate(conn)
+        if applied:
+            log.info("store migrated", extra={"db": redacted(self.url), "applied": applied})
+        self._writer = self._runtime.spawn(self._run)
+        return applied
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self.flush(timeout_s)
+        self._engine.dispose()
+
+    # --- writes (never block) ----------------------------------------------------------------
 
     def open_session(
         self,
         session_id: str,
         *,
         source: str,
+        started_at: float,
         config: dict[str, Any],
         model: dict[str, Any],
-        meta: dict[str, Any] | None = None,
-        started_at: float | None = None,
+        meta: dict[str, Any],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Record a session whose id :meth:`claim` could not reserve (database unreachable)."""
+        self._put(
+            "INSERT INTO sessions (id, source, started_at, config, model, meta, node) "
+            "VALUES (:id, :source, :started_at, :config, :model, :meta, :node) "
+            "ON CONFLICT (id) DO NOTHING",
+            self._session_row(session_id, source, started_at, config, model, meta),
+            then,
+        )
+
+    def add_result(
+        self, session_id: str, result: dict[str, Any], then: Callable[[], None] | None = None
     ) -> None:
         self._put(
-            "INSERT OR IGNORE INTO sessions (id, source, started_at, config, model, meta) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                session_id,
-                source,
-                started_at or time.time(),
-                json.dumps(config),
-                json.dumps(model),
-                json.dumps(meta or {}),
-            ),
-        )
-
-    def add_result(self, session_id: str, seq: int, result: dict[str, Any]) -> None:
-        self._put(
-            "INSERT OR IGNORE INTO results "
+            "INSERT INTO results "
             "(session_id, seq, track, start_s, end_s, emotion, stress, payload) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                session_id,
-                seq,
-                result.get("track"),
-                result["start_s"],
-                result["end_s"],
-                result["emotion"],
-                result["stress"]["index"],
-                json.dumps(result),
-            ),
+            "VALUES (:sid, :seq, :track, :start_s, :end_s, :emotion, :stress, :payload) "
+            "ON CONFLICT (session_id, seq) DO NOTHING",
+            {
+                "sid": session_id,
+                "seq": result["seq"],
+                "track": result.get("track"),
+                "start_s": result["start_s"],
+                "end_s": result["end_s"],
+                "emotion": result["emotion"],
+                "stress": result["stress"]["index"],
+                "payload": json.dumps(result),
+            },
+            then,
         )
 
-    def close_session(self, session_id: str, summary: dict[str, Any]) -> None:
+    def close_session(
+        self,
+        session_id: str,
+        summary: dict[str, Any],
+        *,
+        ended_at: float,
+        then: Callable[[], None] | None = None,
+    ) -> None:
         self._put(
-            "UPDATE sessions SET ended_at = ?, summary = ? WHERE id = ?",
-            (time.time(), json.dumps(summary), session_id),
+            "UPDATE sessions SET ended_at = :ended_at, summary = :summary WHERE id = :id",
+            {"id": session_id, "ended_at": ended_at, "summary": json.dumps(summary)},
+            then,
         )
 
-    def _put(self, sql: str, params: tuple[Any, ...]) -> None:
-        if self._closed:
-            log.warning("store closed; dropping a write")
-            return
-        with self._pending_lock:
-            self._pending += 1
-        self._queue.put((sql, params))
+    def hand_on(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once everything queued before it is written."""
+        self._put(None, {}, then)
 
-    # --- the writer thread -------------------------------------------------------------------
+    def _put(
+        self, sql: str | None, params: dict[str, Any], then: Callable[[], None] | None
+    ) -> None:
+        if self._closed:
+            log.warning("store closed; a write is lost")
+            return
+        self._idle.clear()
+        self._unwritten += 1
+        self._queue.put(_Write(sql, params, then))
+
+    # --- the writer --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = _connect(self.path)
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.flush_s
-            stop = False
-            while time.monotonic() < deadline:
+        backoff_s = 0.5
+        closing = False
+        while not (closing and not self._pending):
+            try:
+                first = self._queue.get(timeout=backoff_s if self._pending else None)
+            except queue.Empty:
+                first = None  # time to retry what is buffered
+            else:
+                closing = closing or first is None
+            taken = [first] if first is not None else []
+            while len(taken) < self._batch_max:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except self._queue_module.Empty:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
                     break
-                if nxt is None:
-                    stop = True
+                if item is None:
+                    closing = True
                     break
-                batch.append(nxt)
-            self._write(conn, batch)
-            if stop:
-                break
-        conn.close()
+                taken.append(item)
+            self._pending.extend(taken)
+            if self._write_pending():
+                backoff_s = 0.5
+            else:
+                backoff_s = min(backoff_s * 2, 10.0)
+                if closing:
+                    break  # the database is gone and the process is stopping
+            self._bound_buffer()
+        self._idle.set()
 
-    def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write_pending(self) -> bool:
+        batch = list(self._pending)
+        writes = [w for w in batch if w.sql is not None]
         try:
-            with conn:
-                for sql, params in batch:
-                    conn.execute(sql, params)
-        except sqlite3.Error:
-            log.exception("store write failed", extra={"statements": len(batch)})
-        finally:
-            with self._pending_lock:
-                self._pending -= len(batch)
+            if writes:
+                self._runtime.offload(self._commit, writes)
+        except sa.exc.OperationalError as exc:  # unreachable, or a lost connection
+            self._failed("unreachable", exc)
+            self._hand_on(batch)  # live analysis does not wait for the database
+            return False
+        except sa.exc.DBAPIError as exc:  # a bad row: write the others one by one
+            log.error("a batch of store writes failed; writing one by one", extra={"error": exc})
+            for write in writes:
+                try:
+                    self._runtime.offload(self._commit, [write])
+                except sa.exc.OperationalError as exc2:
+                    self._failed("unreachable", exc2)
+                    self._hand_on(batch)
+                    return False
+                except sa.exc.DBAPIError as exc2:
+                    self._on_error("rejected")
+                    log.error("store write rejected", extra={"error": str(exc2)[:200]})
+        for _ in batch:
+            self._pending.popleft()
+        self._unwritten -= len(batch)
+        if self.degraded:
+            log.info("store writes resumed")
+        self.degraded = False
+        self._hand_on(batch)
+        if not self._unwritten:
+            self._idle.set()
+        return True
+
+    def _commit(self, writes: list[_Write]) -> None:
+        with self._db_lock, self._engine.begin() as conn:
+            for write in writes:
+                conn.execute(sa.text(write.sql or ""), write.params)
+
+    def _failed(self, kind: str, exc: Exception) -> None:
+        self._on_error(kind)
+        if not self.degraded:
+            log.error(
+                "store unreachable; buffering writes",
+                extra={"db": redacted(self.url), "error": str(exc).splitlines()[0][:200]},
+            )
+        self.degraded = True
+
+    def _hand_on(self, batch: list[_Write]) -> None:
+        for write in batch:
+            if write.then is not None and not write.handed_on:
+                write.handed_on = True
+                try:
+                    write.then()
+                except Exception:
+                    log.exception("handing on a written event failed")
+
+    def _bound_buffer(self) -> None:
+        while len(self._pending) > self._buffer_max:
+            self._pending.popleft()
+            self._unwritten -= 1
+            self.dropped += 1
+            self._on_error("dropped")
 
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait until every queued write is committed (blocking: offload it from the hub)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._pending_lock:
-                if self._pending == 0:
-                    return True
-            native("time").sleep(0.02)
-        return False
+        return bool(self._idle.wait(timeout_s))
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._writer.join(5.0)
+    # --- claims and reads (blocking) ---------------------------------------------------------
 
-    # --- reads (blocking) --------------------------------------------------------------------
+    def _session_row(
+        self,
+        session_id: str,
+        source: str,
+        started_at: float,
+        config: dict[str, Any],
+        model: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "id": session_id,
+            "source": source,
+            "started_at": started_at,
+            "config": json.dumps(config),
+            "model": json.dumps(model),
+            "meta": json.dumps(meta),
+            "node": self.node,
+        }
+
+    def claim(
+        self,
+        session_id: str,
+        *,
+        source: str,
+        started_at: float,
+        config: dict[str, Any],
+        model: dict[str, Any],
+        meta: dict[str, Any],
+    ) -> bool:
+        """Record a new session at once; False if the id is taken (every node shares it).
+        Raises StoreUnavailable when the database cannot be reached."""
+        row = self._session_row(session_id, source, started_at, config, model, meta)
+        try:
+            with self._db_lock, self._engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO sessions (id, source, started_at, config, model, meta, node) "
+                        "VALUES (:id, :source, :started_at, :config, :model, :meta, :node)"
+                    ),
+                    row,
+                )
+        except sa.exc.IntegrityError:
+            return False
+        except sa.exc.OperationalError as exc:
+            self._on_error("unreachable")
+            raise StoreUnavailable(str(exc).splitlines()[0]) from exc
+        return True
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._db_lock, self._engine.connect() as conn:
+            yield conn
 
     def list_sessions(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        with _connect(self.path) as conn:
+        with self._read() as conn:
             rows = conn.execute(
-                "SELECT s.*, (SELECT COUNT(*) FROM results r WHERE r.session_id = s.id) AS results "
-                "FROM sessions s ORDER BY started_at DESC LIMIT ? OFFSET ?",
-                (limit, offset),
-            ).fetchall()
-        return [self._session(row) for row in rows]
+                sa.text(
+                    "SELECT s.*, (SELECT COUNT(*) FROM results r WHERE r.session_id = s.id) "
+                    "AS results FROM sessions s ORDER BY started_at DESC LIMIT :l OFFSET :o"
+                ),
+                {"l": limit, "o": offset},
+            ).mappings()
+            return [self._session(row) for row in rows]
 
     def get_session(self, session_id: str, *, since_seq: int = -1) -> dict[str, Any] | None:
-        with _connect(self.path) as conn:
-            row = conn.execute(
-                "SELECT s.*, (SELECT COUNT(*) FROM results r WHERE r.session_id = s.id) AS results "
-                "FROM sessions s WHERE id = ?",
-                (session_id,),
-            ).fetchone()
+        with self._read() as conn:
+            row = (
+                conn.execute(
+                    sa.text(
+                        "SELECT s.*, (SELECT COUNT(*) FROM results r WHERE r.session_id = s.id) "
+                        "AS results FROM sessions s WHERE id = :id"
+                    ),
+                    {"id": session_id},
+                )
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
-            results = conn.execute(
-                "SELECT payload FROM results WHERE session_id = ? AND seq > ? ORDER BY seq",
-                (session_id, since_seq),
-            ).fetchall()
-        out = self._session(row)
-        out["frames"] = [json.loads(r["payload"]) for r in results]
+            payloads = conn.execute(
+                sa.text(
+                    "SELECT payload FROM results WHERE session_id = :id AND seq > :since "
+                    "ORDER BY seq"
+                ),
+                {"id": session_id, "since": since_seq},
+            ).scalars()
+            out = self._session(row)
+            out["frames"] = [json.loads(p) for p in payloads]
         return out
 
+    def exists(self, session_id: str) -> bool:
+        with self._read() as conn:
+            return (
+                conn.execute(
+                    sa.text("SELECT 1 FROM sessions WHERE id = :id"), {"id": session_id}
+                ).first()
+                is not None
+            )
+
+    def delete_session(self, session_id: str) -> bool:
+        """Remove a session and its results; False if there was none."""
+        with self._db_lock, self._engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM results WHERE session_id = :id"), {"id": session_id})
+            deleted = conn.execute(
+                sa.text("DELETE FROM sessions WHERE id = :id"), {"id": session_id}
+            ).rowcount
+        return bool(deleted)
+
+    def purge(self, before: float) -> int:
+        """Remove every ended session that started before ``before`` (epoch s); how many."""
+        where = "started_at < :before AND ended_at IS NOT NULL"
+        ids = f"SELECT id FROM sessions WHERE {where}"
+        with self._db_lock, self._engine.begin() as conn:
+            conn.execute(
+                sa.text(f"DELETE FROM results WHERE session_id IN ({ids})"), {"before": before}
+            )
+            deleted = conn.execute(
+                sa.text(f"DELETE FROM sessions WHERE {where}"), {"before": before}
+            ).rowcount
+        return int(deleted)
+
+    def open_sessions_of_this_node(self) -> list[str]:
+        """Sessions this node started and never closed (it was killed)."""
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    sa.text("SELECT id FROM sessions WHERE node = :node AND ended_at IS NULL"),
+                    {"node": self.node},
+                ).scalars()
+            )
+
+    def ping(self) -> bool:
+        try:
+            with self._read() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except sa.exc.OperationalError:
+            return False
+
     @staticmethod
-    def _session(row: sqlite3.Row) -> dict[str, Any]:
+    def _session(row: Any) -> dict[str, Any]:
         return {
             "session_id": row["id"],
             "source": row["source"],

@@ -1,28 +1,40 @@
-"""Call-center ingestion over plain WebSockets, one session per call and one track per party.
+"""Call-center ingestion over plain WebSockets: one session per call, one track per party.
 
 ``/telephony/twilio`` speaks Twilio Media Streams (also Telnyx, SignalWire, Fonoster): JSON text
 messages ``connected``, ``start``, ``media`` (base64 µ-law at 8 kHz, ~20 ms each, ``track``
 inbound = the caller = customer, outbound = the agent), ``dtmf``, ``mark``, ``stop``. Media is
-put back in ``chunk`` order — frame order is not guaranteed — and a chunk still missing after
-``REORDER_WINDOW`` later ones is replaced by silence so the timeline keeps its length.
+put back in ``chunk`` order (frame order is not guaranteed): a chunk still missing once
+``twilio_reorder_chunks`` later ones are here is replaced by silence, so the timeline keeps its
+length. A jump further ahead than that is a counted fault; the silence put in for it never
+exceeds the time that really passed (nor ``MAX_GAP_FILL_S``): a chunk number chosen by the client
+never decides how much memory or time the server spends.
 
 ``/telephony/audiofork`` takes FreeSWITCH ``mod_audio_fork`` / ``mod_audio_stream``: a JSON
 metadata text frame, then binary L16 frames at 8 or 16 kHz; mono is the caller, stereo holds the
 caller (left) and the callee (right), de-interleaved here. ``mixed`` holds both voices in one
 channel and is analysed only when agent analysis is enabled.
 
-Only the parties in ``telephony_tracks`` are analysed (customer only by default). Every fault —
-bad JSON, an unknown event, media before ``start``, a bad payload, a dropped connection — is
-logged, counted in ``voxaffect_telephony_events_total`` and never affects another call.
+A call id follows the same rule as every session id. A new authenticated connection for a live
+call of the same protocol takes the call over: the old connection is closed with a reason and
+its close ends nothing. The call ends on ``stop`` (Twilio), when the fork closes its socket
+(FreeSWITCH), or ``call_rejoin_s`` after its last connection dropped. A call id that is live for
+the other protocol, or already stored, is refused. Only the parties in ``telephony_tracks`` are
+analysed (customer only by default). Every fault is logged, counted in
+``voxaffect_telephony_events_total`` and ends nothing but the offending stream's own input.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,302 +43,432 @@ from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from engine.audio import AudioFormat, AudioFormatError
-from engine.pipeline import StreamPipeline
-from server.auth import request_token, token_ok
-from server.protocol import ProtocolError, chunk_seconds
-from server.service import Service
-from server.sessions import Session, Track
+from server.auth import origin_allowed, request_token, token_ok
+from server.factory import SessionFactory
+from server.metrics import Metrics
+from server.protocol import ProtocolError, chunk_seconds, describe_id, valid_id
+from server.runner import InboxFull, SessionClosed, SessionRunner
+from server.sessions import SessionRegistry
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-REORDER_WINDOW = 5  # chunks (100 ms): how long a missing Twilio chunk is waited for
-MAX_PAYLOAD_BYTES = 8000  # one second of 8 kHz µ-law; Twilio sends 160-byte (20 ms) chunks
 MULAW_SILENCE = b"\xff"
 TWILIO_PARTIES = {"inbound": "customer", "outbound": "agent"}
+TWILIO_CHUNK_S = 0.02  # Twilio sends 20 ms of audio per media message
+MAX_GAP_FILL_S = 10.0  # silence put in for one gap in the chunk numbers, at most
 FAULTS_LOGGED_PER_KIND = 3
+CALLER_ID_KEYS = {"caller", "callee", "from", "to", "ani", "dnis", "caller_id", "phone", "number"}
+RECEIVE_POLL_S = 1.0  # how often a connection waiting for a frame checks it was taken over
 
 
 class Reorderer:
-    """Releases Twilio chunks in ``chunk`` order; fills a gap with silence once it is stale."""
+    """Releases Twilio chunks in ``chunk`` order; fills a stale gap with silence."""
 
-    def __init__(self, window: int = REORDER_WINDOW) -> None:
+    def __init__(
+        self,
+        window: int,
+        on_fault: Callable[[str, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.window = window
+        self._on_fault = on_fault
+        self._clock = clock
         self.next = 1
         self.pending: dict[int, bytes] = {}
         self.filled = 0
-        self.late = 0
+        self._last_at: float | None = None
 
     def push(self, chunk: int, payload: bytes) -> list[bytes]:
+        now = self._clock()
+        last_at, self._last_at = self._last_at, now
         if chunk < self.next or chunk in self.pending:
-            self.late += 1  # a duplicate, or too late: its place was filled
+            self._on_fault("late_chunk", f"chunk {chunk} is a duplicate or came too late")
             return []
+        out: list[bytes] = []
+        if chunk - self.next > self.window:
+            # Far ahead: a jump, not reordering. Release what is held, put in silence for at
+            # most the time that passed since the last chunk, and carry on from this one.
+            gap = chunk - self.next
+            self._on_fault("chunk_gap", f"chunk {chunk} is {gap} ahead of {self.next}")
+            elapsed = 0.0 if last_at is None else now - last_at
+            fill = int(min(gap, min(elapsed, MAX_GAP_FILL_S) / TWILIO_CHUNK_S))
+            out += [self.pending[k] for k in sorted(self.pending)]
+            if fill:
+                out.append(MULAW_SILENCE * (len(payload) * fill))
+                self.filled += fill
+            self.pending.clear()
+            self.next = chunk
         self.pending[chunk] = payload
-        out = []
         while True:
             if self.next in self.pending:
                 out.append(self.pending.pop(self.next))
                 self.next += 1
             elif self.pending and max(self.pending) - self.next >= self.window:
-                size = len(self.pending[min(self.pending)])
-                out.append(MULAW_SILENCE * size)
+                out.append(MULAW_SILENCE * len(self.pending[min(self.pending)]))
                 self.filled += 1
                 self.next += 1
             else:
                 return out
 
 
-class CallConnection:
-    """One WebSocket from a media server: its session, and its faults."""
+class Refused(Exception):
+    """The stream cannot go on (bad start, a duplicate call, no token); it is closed."""
 
-    def __init__(self, service: Service, protocol: str) -> None:
-        self.service = service
+
+class CallStream:
+    """One WebSocket from a media server, feeding a call's session."""
+
+    def __init__(self, ws: Any, edge: TelephonyEdge, protocol: str) -> None:
+        self.ws = ws
+        self.edge = edge
         self.protocol = protocol
-        self.session: Session | None = None
+        self.runner: SessionRunner | None = None
         self.faults: Counter[str] = Counter()
+        self.taken_over = False
+
+    @property
+    def session_id(self) -> str | None:
+        return self.runner.session.id if self.runner else None
 
     def count(self, kind: str) -> None:
-        self.service.metrics.telephony_events.labels(self.protocol, kind).inc()
+        self.edge.metrics.telephony_events.labels(self.protocol, kind).inc()
 
     def fault(self, kind: str, detail: str) -> None:
         self.count(kind)
         self.faults[kind] += 1
         if self.faults[kind] <= FAULTS_LOGGED_PER_KIND:
-            session_id = self.session.id if self.session else None
             log.warning(
                 "telephony fault",
                 extra={
                     "protocol": self.protocol,
                     "kind": kind,
-                    "detail": detail,
-                    "session_id": session_id,
+                    "detail": detail[:200],
+                    "session_id": self.session_id,
                 },
             )
 
-    def open(
-        self,
-        call_id: str,
-        fmt: AudioFormat,
-        parties: list[str],
-        meta: dict[str, Any],
-    ) -> None:
-        settings = self.service.settings
-        streams = self.service.streams
-        assert streams is not None
-        existing = self.service.registry.get(call_id)
-        if existing is not None and not existing.ended and existing.source == self.protocol:
-            self.session = existing  # the media server reconnected for the same call
-            log.info("telephony stream rejoined its call", extra={"session_id": call_id})
+    def receive(self) -> str | bytes:
+        """The next frame; ConnectionClosed once closed, or taken over by another connection."""
+        while True:
+            message = self.ws.receive(timeout=RECEIVE_POLL_S)
+            if self.taken_over:
+                raise ConnectionClosed(1000, "taken over")
+            if message is not None:
+                return message
+
+    def open(self, call_id: str, fmt: AudioFormat, parties: list[str], meta: dict) -> None:
+        edge = self.edge
+        if not valid_id(call_id):
+            self.fault("bad_call_id", f"call id {describe_id(call_id)}")
+            raise Refused("a call id is 1-128 letters, digits or ._:-")
+        existing = edge.registry.get(call_id)
+        if existing is not None and not existing.session.ended:
+            if existing.session.source != self.protocol:
+                self.fault("duplicate_call", f"call {call_id} is live as {existing.session.source}")
+                raise Refused(f"call {call_id} is live on another protocol")
+            self._take_over(existing)
             return
-        labels = tuple(self.service.model_info["labels"])
-        tracks: dict[str | None, Track] = {
-            party: Track(party, StreamPipeline(settings.pipeline_config(), fmt, labels=labels))
-            for party in parties
-            if party in settings.telephony_tracks
-            or (party == "mixed" and {"customer", "agent"} <= set(settings.telephony_tracks))
-        }
-        session = Session(
-            id=call_id,
-            source=self.protocol,
-            format=fmt,
-            tracks=tracks,
-            results_kept=settings.results_kept,
-            meta={**meta, "parties": parties, "analysed": sorted(str(t) for t in tracks)},
-        )
-        streams.open(
-            session,
-            {
-                **settings.pipeline_config().as_dict(),
-                "sample_rate": fmt.sample_rate,
-                "encoding": fmt.encoding,
-            },
-        )
-        self.session = session
+        analysed = edge.analysed_parties(parties)
+        meta = {**meta, "parties": parties, "analysed": sorted(analysed)}
+        try:
+            runner = edge.factory.open(
+                source=self.protocol,
+                fmt=fmt,
+                session_id=call_id,
+                parties=list(analysed),
+                meta=meta,
+            )
+        except ProtocolError as exc:
+            self.fault("duplicate_call" if exc.code == "SESSION_EXISTS" else "refused", exc.message)
+            raise Refused(exc.message) from None
+        runner.session.connection = self
+        self.runner = runner
         log.info(
             "call started",
-            extra={
-                "session_id": call_id,
-                "protocol": self.protocol,
-                "parties": parties,
-                "analysed": sorted(session.meta["analysed"]),
-            },
+            extra={"session_id": call_id, "protocol": self.protocol, "analysed": sorted(analysed)},
         )
+
+    def _take_over(self, runner: SessionRunner) -> None:
+        session = runner.session
+        old = session.connection
+        session.connection, session.disconnected_at = self, None
+        self.runner = runner
+        self.count("takeover")
+        log.info("a new connection took the call over", extra={"session_id": session.id})
+        if isinstance(old, CallStream) and old is not self:
+            old.taken_over = True
 
     def audio(self, party: str, data: bytes) -> None:
-        assert self.session is not None
-        seconds = chunk_seconds(data, self.session.format)
-        self.service.metrics.audio_seconds.labels(self.protocol).inc(seconds)
-        if party not in self.session.tracks:
+        assert self.runner is not None
+        session = self.runner.session
+        seconds = chunk_seconds(data, session.format)
+        self.edge.metrics.audio_seconds.labels(self.protocol).inc(seconds)
+        if party not in self.runner.tracks:
             return  # a party that is not analysed (the agent, by default)
-        self.session.record_audio(seconds)  # media servers send in real time: no rate limit
-        streams = self.service.streams
-        assert streams is not None
+        session.record_audio(seconds, self.edge.clock())  # media servers pace in real time
         try:
-            streams.push_audio(self.session, party, data)
-        except ProtocolError:
+            self.runner.push(party, data)
+        except InboxFull:
             self.fault("overloaded", "the session's inbox is full; audio dropped")
+        except SessionClosed:
+            raise Refused("the call has ended") from None
 
-    def close(self, reason: str) -> None:
-        if self.session is not None and not self.session.ended:
-            streams = self.service.streams
-            assert streams is not None
-            streams.end(self.session, reason)
-
-
-def _twilio(ws: Any, service: Service, token_pending: bool) -> None:
-    """``token_pending``: the upgrade carried no token, so ``start`` must (Twilio's <Stream> URL
-    takes no query string; a <Parameter name="token"> arrives in ``customParameters``)."""
-    call = CallConnection(service, "twilio")
-    reorderers: dict[str, Reorderer] = {}
-    reason = "connection dropped"
-    try:
-        while True:
-            message = ws.receive()
-            if isinstance(message, bytes):
-                call.fault("binary_frame", f"{len(message)} bytes where JSON text was expected")
-                continue
-            try:
-                data = json.loads(message)
-                event = data["event"]
-            except (TypeError, ValueError, KeyError):
-                call.fault("bad_json", f"not a JSON event: {str(message)[:80]!r}")
-                continue
-            if event == "connected":
-                call.count("connected")
-            elif event == "start":
-                call.count("start")
-                start = data.get("start") or {}
-                fmt_info = start.get("mediaFormat") or {}
-                encoding = {"audio/x-mulaw": "mulaw", "audio/x-alaw": "alaw"}.get(
-                    fmt_info.get("encoding", "audio/x-mulaw")
-                )
-                try:
-                    if encoding is None:
-                        raise AudioFormatError(f"unsupported encoding {fmt_info.get('encoding')}")
-                    fmt = AudioFormat(encoding, int(fmt_info.get("sampleRate", 8000)), 1)
-                except (AudioFormatError, ValueError) as exc:
-                    call.fault("bad_start", str(exc))
-                    break
-                call_id = str(
-                    start.get("callSid") or data.get("streamSid") or start.get("streamSid") or ""
-                )
-                if not call_id:
-                    call.fault("bad_start", "start carries neither callSid nor streamSid")
-                    break
-                custom = dict(start.get("customParameters") or {})
-                token = custom.pop("token", None)  # never stored
-                if token_pending and not token_ok(service.settings, token):
-                    call.fault("unauthorized", "start without a valid token parameter")
-                    break
-                tracks = start.get("tracks") or ["inbound"]
-                parties = [TWILIO_PARTIES.get(t, t) for t in tracks]
-                meta = {
-                    "protocol": "twilio",
-                    "call_sid": start.get("callSid"),
-                    "stream_sid": data.get("streamSid") or start.get("streamSid"),
-                    "custom": custom,
-                }
-                call.open(call_id, fmt, parties, meta)
-            elif call.session is None and token_pending:
-                call.fault("unauthorized", f"{event!r} before an authenticated start")
-                break
-            elif event == "media":
-                call.count("media")
-                media = data.get("media") or {}
-                if call.session is None:
-                    call.fault("media_before_start", "media arrived before start")
-                    continue
-                try:
-                    payload = base64.b64decode(media["payload"], validate=True)
-                    chunk = int(media.get("chunk", 0))
-                except (KeyError, TypeError, ValueError, binascii.Error):
-                    call.fault("bad_payload", "media without a valid base64 payload or chunk")
-                    continue
-                if not 0 < len(payload) <= MAX_PAYLOAD_BYTES:
-                    call.fault("bad_payload", f"a {len(payload)}-byte payload")
-                    continue
-                party = TWILIO_PARTIES.get(str(media.get("track", "inbound")), "customer")
-                reorder = reorderers.setdefault(party, Reorderer())
-                for ordered in reorder.push(chunk, payload) if chunk else [payload]:
-                    call.audio(party, ordered)
-            elif event in ("dtmf", "mark"):
-                call.count(event)
-            elif event == "stop":
-                call.count("stop")
-                if call.session is None:
-                    call.fault("stop_without_media", "stop before any start or media")
-                reason = "call ended"
-                break
-            else:
-                call.fault("unknown_event", f"event {event!r}")
-    except ConnectionClosed:
-        call.fault("dropped", "the media server closed the connection without stop")
-    finally:
-        call.close(reason)
-        if any(r.filled for r in reorderers.values()):
-            log.info(
-                "filled missing chunks with silence",
-                extra={
-                    "session_id": call.session.id if call.session else None,
-                    "filled": {p: r.filled for p, r in reorderers.items()},
-                },
-            )
-
-
-def _audiofork(ws: Any, service: Service, args: dict[str, str]) -> None:
-    call = CallConnection(service, "audiofork")
-    reason = "connection dropped"
-    try:
-        first = ws.receive()
-        meta: dict[str, Any] = {}
-        if isinstance(first, str):
-            try:
-                meta = json.loads(first) if first.strip() else {}
-                if not isinstance(meta, dict):
-                    raise ValueError("metadata must be a JSON object")
-            except ValueError as exc:
-                call.fault("bad_metadata", str(exc))
-                meta = {}
-            first = None
+    def close(self, reason: str, *, ends_call: bool) -> None:
+        """The connection is gone: end the call (``ends_call``), or let it wait to be rejoined."""
+        runner = self.runner
+        if runner is None or runner.session.connection is not self:
+            return  # never opened one, or another connection took the call over
+        runner.session.connection = None
+        if ends_call:
+            runner.end(reason)
         else:
-            call.fault("bad_metadata", "the first frame was audio, not JSON metadata")
+            runner.session.disconnected_at = self.edge.clock()
+
+
+class TelephonyEdge:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        factory: SessionFactory,
+        registry: SessionRegistry,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+
+    def analysed_parties(self, parties: list[str]) -> list[str]:
+        wanted = set(self.settings.telephony_tracks)
+        return [
+            p for p in parties if p in wanted or (p == "mixed" and {"customer", "agent"} <= wanted)
+        ]
+
+    def private(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Caller numbers hashed (HMAC-SHA256 with ``caller_id_key``) when ``hash_caller_ids``."""
+        if not self.settings.hash_caller_ids:
+            return meta
+        key = self.settings.caller_id_key.encode()
+        out: dict[str, Any] = {}
+        for k, v in meta.items():
+            if isinstance(v, dict):
+                out[k] = self.private(v)
+            elif k.lower() in CALLER_ID_KEYS and isinstance(v, str | int):
+                digest = hmac.new(key, str(v).encode(), hashlib.sha256).hexdigest()[:32]
+                out[k] = "hmac:" + digest
+            else:
+                out[k] = v
+        return out
+
+    # --- Twilio Media Streams ----------------------------------------------------------------
+
+    def twilio(self, ws: Any, token_pending: bool) -> None:
+        """``token_pending``: the upgrade carried no token, so ``start`` must (Twilio's
+        <Stream> URL takes no query string; a <Parameter name="token"> arrives in
+        ``customParameters``)."""
+        call = CallStream(ws, self, "twilio")
+        reorderers: dict[str, Reorderer] = {}
+        reason, ends_call = "connection dropped", False
         try:
-            rate = int(
-                meta.get("sample_rate") or args.get("rate") or args.get("sample_rate") or 8000
-            )
-            mix = str(meta.get("mix") or args.get("mix") or "mono")
-            if mix not in ("mono", "mixed", "stereo"):
-                raise ValueError(f"mix must be mono, mixed or stereo, got {mix!r}")
-            channels = 2 if mix == "stereo" else 1
-            fmt = AudioFormat("pcm_s16le", rate, 1)
-        except (ValueError, AudioFormatError) as exc:
-            call.fault("bad_metadata", str(exc))
-            return
-        caller = str(meta.get("caller_party", "customer"))
-        callee = "agent" if caller == "customer" else "customer"
-        parties = {"mono": [caller], "mixed": ["mixed"], "stereo": [caller, callee]}[mix]
-        call_id = str(
-            meta.get("call_id")
-            or meta.get("uuid")
-            or meta.get("callSid")
-            or args.get("call_id")
-            or service.registry.new_id()
+            while True:
+                message = call.receive()
+                if isinstance(message, bytes):
+                    call.fault("binary_frame", f"{len(message)} bytes where JSON was expected")
+                    continue
+                try:
+                    data = json.loads(message)
+                    event = data["event"]
+                except (TypeError, ValueError, KeyError):
+                    call.fault("bad_json", f"not a JSON event: {message[:80]!r}")
+                    continue
+                if event == "connected":
+                    call.count("connected")
+                elif event == "start":
+                    call.count("start")
+                    self._twilio_start(call, data, token_pending)
+                elif call.runner is None and token_pending:
+                    call.fault("unauthorized", f"{str(event)[:40]!r} before an authenticated start")
+                    break
+                elif event == "media":
+                    call.count("media")
+                    self._twilio_media(call, data, reorderers)
+                elif event in ("dtmf", "mark"):
+                    call.count(event)
+                elif event == "stop":
+                    call.count("stop")
+                    if call.runner is None:
+                        call.fault("stop_without_media", "stop before any start or media")
+                    reason, ends_call = "call ended", True
+                    break
+                else:
+                    call.fault("unknown_event", f"event {str(event)[:40]!r}")
+        except Refused as exc:
+            _close(ws, 1008, str(exc))
+        except ConnectionClosed as exc:
+            if call.taken_over:
+                _close(ws, 1000, "another connection took this call over")
+            else:
+                call.fault("dropped", f"closed without stop ({exc.reason})")
+        finally:
+            call.close(reason, ends_call=ends_call)
+            filled = {p: r.filled for p, r in reorderers.items() if r.filled}
+            if filled:
+                log.info(
+                    "filled missing chunks with silence",
+                    extra={"session_id": call.session_id, "filled": filled},
+                )
+
+    def _twilio_start(self, call: CallStream, data: dict, token_pending: bool) -> None:
+        start = data.get("start")
+        if not isinstance(start, dict):
+            call.fault("bad_start", "start without a start object")
+            raise Refused("start without a start object")
+        fmt_info = start.get("mediaFormat") or {}
+        encoding = {"audio/x-mulaw": "mulaw", "audio/x-alaw": "alaw"}.get(
+            str(fmt_info.get("encoding", "audio/x-mulaw"))
         )
-        call.open(call_id, fmt, parties, {"protocol": "audiofork", "mix": mix, "metadata": meta})
+        try:
+            if encoding is None:
+                raise AudioFormatError(f"unsupported encoding {fmt_info.get('encoding')!r}")
+            fmt = AudioFormat(encoding, int(fmt_info.get("sampleRate", 8000)), 1)
+        except (AudioFormatError, ValueError, TypeError) as exc:
+            call.fault("bad_start", str(exc))
+            raise Refused(str(exc)) from None
+        stream_sid = data.get("streamSid") or start.get("streamSid")
+        call_id = start.get("callSid") or stream_sid
+        if not call_id:
+            call.fault("bad_start", "start carries neither callSid nor streamSid")
+            raise Refused("start carries neither callSid nor streamSid")
+        custom = dict(start.get("customParameters") or {})
+        token = custom.pop("token", None)  # never stored
+        if token_pending and not token_ok(self.settings, token):
+            call.fault("unauthorized", "start without a valid token parameter")
+            raise Refused("a valid token parameter is required")
+        tracks = start.get("tracks") or ["inbound"]
+        parties = [TWILIO_PARTIES.get(str(t), str(t)[:32]) for t in tracks][:4]
+        meta = {
+            "protocol": "twilio",
+            "call_sid": start.get("callSid"),
+            "stream_sid": stream_sid,
+            "custom": self.private(custom),
+        }
+        call.open(str(call_id) if isinstance(call_id, str) else call_id, fmt, parties, meta)
+
+    def _twilio_media(self, call: CallStream, data: dict, reorderers: dict[str, Reorderer]) -> None:
+        if call.runner is None:
+            call.fault("media_before_start", "media arrived before start")
+            return
+        media = data.get("media")
+        try:
+            if not isinstance(media, dict):
+                raise TypeError("media is not an object")
+            payload = base64.b64decode(media["payload"], validate=True)
+            chunk = int(media.get("chunk", 0))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            call.fault("bad_payload", "media without a valid base64 payload or chunk")
+            return
+        if not payload:
+            call.fault("bad_payload", "an empty payload")
+            return
+        if len(payload) > self.settings.telephony_max_frame_bytes:
+            call.fault("oversized", f"a {len(payload)}-byte payload")
+            return
+        if chunk < 0:
+            call.fault("bad_chunk", f"chunk number {chunk}")
+            return
+        party = TWILIO_PARTIES.get(str(media.get("track", "inbound")), "customer")
+        if chunk == 0:  # no chunk numbers: in arrival order
+            call.audio(party, payload)
+            return
+        reorder = reorderers.get(party)
+        if reorder is None:
+            reorder = reorderers[party] = Reorderer(
+                self.settings.twilio_reorder_chunks, call.fault, self.clock
+            )
+        for ordered in reorder.push(chunk, payload):
+            call.audio(party, ordered)
+
+    # --- FreeSWITCH audio fork ---------------------------------------------------------------
+
+    def audiofork(self, ws: Any, args: dict[str, str]) -> None:
+        call = CallStream(ws, self, "audiofork")
+        reason, ends_call = "connection dropped", False
+        try:
+            first = call.receive()
+            meta: dict[str, Any] = {}
+            if isinstance(first, str):
+                try:
+                    meta = json.loads(first) if first.strip() else {}
+                    if not isinstance(meta, dict):
+                        raise ValueError("metadata must be a JSON object")
+                except ValueError as exc:
+                    call.fault("bad_metadata", str(exc))
+                    meta = {}
+                pending: bytes | str | None = None
+            else:
+                call.fault("bad_metadata", "the first frame was audio, not JSON metadata")
+                pending = first
+            try:
+                rate = int(
+                    meta.get("sample_rate") or args.get("rate") or args.get("sample_rate") or 8000
+                )
+                mix = str(meta.get("mix") or args.get("mix") or "mono")
+                if mix not in ("mono", "mixed", "stereo"):
+                    raise ValueError(f"mix must be mono, mixed or stereo, got {mix[:20]!r}")
+                fmt = AudioFormat("pcm_s16le", rate, 1)
+            except (ValueError, TypeError, AudioFormatError) as exc:
+                call.fault("bad_metadata", str(exc))
+                raise Refused(str(exc)) from None
+            caller = "agent" if meta.get("caller_party") == "agent" else "customer"
+            callee = "agent" if caller == "customer" else "customer"
+            parties = {"mono": [caller], "mixed": ["mixed"], "stereo": [caller, callee]}[mix]
+            call_id = (
+                meta.get("call_id")
+                or meta.get("uuid")
+                or meta.get("callSid")
+                or args.get("call_id")
+                or self.registry.new_id()
+            )
+            call.open(
+                call_id,
+                fmt,
+                parties,
+                {"protocol": "audiofork", "mix": mix, "metadata": self.private(meta)},
+            )
+            self._fork_media(call, parties, 2 if mix == "stereo" else 1, pending)
+        except Refused as exc:
+            _close(ws, 1008, str(exc))
+        except ConnectionClosed:
+            if call.taken_over:
+                _close(ws, 1000, "another connection took this call over")
+            else:
+                reason, ends_call = "call ended", True  # the fork ends by closing the socket
+                call.count("closed")
+        finally:
+            call.close(reason, ends_call=ends_call)
+
+    def _fork_media(
+        self, call: CallStream, parties: list[str], channels: int, pending: bytes | str | None
+    ) -> None:
         frame_bytes = 2 * channels
         remainder = b""
-        message = first
         while True:
-            if message is None:
-                message = ws.receive()
+            message = pending if pending is not None else call.receive()
+            pending = None
             if isinstance(message, str):
                 call.fault("text_frame", "a text frame after the metadata")
-                message = None
+                continue
+            if len(message) > self.settings.telephony_max_frame_bytes:
+                call.fault("oversized", f"a {len(message)}-byte frame")
                 continue
             call.count("media")
             data = remainder + message
             usable = len(data) - len(data) % frame_bytes
             data, remainder = data[:usable], data[usable:]
-            message = None
             if not data:
                 continue
             if channels == 1:
@@ -335,28 +477,38 @@ def _audiofork(ws: Any, service: Service, args: dict[str, str]) -> None:
                 pcm = np.frombuffer(data, dtype="<i2").reshape(-1, 2)
                 for index, party in enumerate(parties):
                     call.audio(party, pcm[:, index].tobytes())
-    except ConnectionClosed:
-        reason = "call ended"  # the fork ends by closing the socket
-        call.count("closed")
-    finally:
-        call.close(reason)
 
 
-def register(app: Flask, service: Service) -> None:
+def _close(ws: Any, code: int, message: str) -> None:
+    with contextlib.suppress(ConnectionClosed, OSError):
+        ws.close(reason=code, message=message[:120])
+
+
+def register(app: Flask, edge: TelephonyEdge) -> None:
+    settings = edge.settings
+    # A frame far beyond the per-frame cap closes the connection before it is buffered whole
+    # (base64 and JSON make a Twilio payload's message about 4/3 larger).
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "max_message_size": 2 * settings.telephony_max_frame_bytes + 4096
+    }
     sock = Sock(app)
-    settings = service.settings
 
     @app.before_request
-    def telephony_auth() -> tuple[Response, int] | None:
+    def telephony_checks() -> tuple[Response, int] | None:
+        if not request.path.startswith("/telephony/"):
+            return None
+        protocol = request.path.rsplit("/", 1)[-1][:20]
+        origin = request.headers.get("Origin")
+        if origin is not None and not origin_allowed(settings, origin, request.environ):
+            edge.metrics.telephony_events.labels(protocol, "foreign_origin").inc()
+            return jsonify(
+                {"error": {"code": "UNAUTHORIZED", "message": f"origin {origin[:80]} not allowed"}}
+            ), 403
         if request.path == "/telephony/twilio" and not request_token(request):
             request.environ["voxaffect.token_pending"] = settings.auth_required
             return None  # Twilio can send its token only inside the start message
-        if request.path.startswith("/telephony/") and not token_ok(
-            settings, request_token(request)
-        ):
-            service.metrics.telephony_events.labels(
-                request.path.rsplit("/", 1)[-1], "unauthorized"
-            ).inc()
+        if not token_ok(settings, request_token(request)):
+            edge.metrics.telephony_events.labels(protocol, "unauthorized").inc()
             return jsonify(
                 {"error": {"code": "UNAUTHORIZED", "message": "a valid API token is required"}}
             ), 401
@@ -364,17 +516,17 @@ def register(app: Flask, service: Service) -> None:
 
     @sock.route("/telephony/twilio")
     def twilio(ws: Any) -> None:
-        service.metrics.connections.labels("telephony").inc()
+        edge.metrics.connections.labels("telephony").inc()
         try:
-            _twilio(ws, service, bool(request.environ.get("voxaffect.token_pending")))
+            edge.twilio(ws, bool(request.environ.get("voxaffect.token_pending")))
         finally:
-            service.metrics.connections.labels("telephony").dec()
+            edge.metrics.connections.labels("telephony").dec()
 
     @sock.route("/telephony/audiofork")
     def audiofork(ws: Any) -> None:
-        args = dict(request.args)
-        service.metrics.connections.labels("telephony").inc()
+        args = {k: v[:64] for k, v in request.args.items()}
+        edge.metrics.connections.labels("telephony").inc()
         try:
-            _audiofork(ws, service, args)
+            edge.audiofork(ws, args)
         finally:
-            service.metrics.connections.labels("telephony").dec()
+            edge.metrics.connections.labels("telephony").dec()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gates import GATE_ENV, Gate
 from tests.harness import ServerProcess
 
 TOKEN = "test-token-123"
@@ -17,6 +18,7 @@ STRICT_ARGS = (
     "--max-upload-mb=0.5",
     "--cors-origins=http://allowed.example",
     "--telephony-tracks=customer,agent",
+    "--prosody-timeout-s=2",
 )
 
 
@@ -46,19 +48,24 @@ def strict_server(
 
 
 @pytest.fixture(scope="session")
-def slow_server(
+def gated_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    """24 s windows: each one keeps the model and prosody busy long enough to measure the hub."""
+) -> Iterator[tuple[ServerProcess, Gate]]:
+    """Its model waits while the test holds the gate, or stays busy as long as the test asks
+    (tests/gates.py): results come when the test decides, not when this CPU is done."""
+    work = tmp_path_factory.mktemp("gated")
+    gate = Gate(work / "gate")
     proc = ServerProcess(
         tiny_model_dir,
-        tmp_path_factory.mktemp("slow"),
-        "--window-s",
-        "24",
-        "--hop-s",
-        "24",
-        "--buffer-s",
-        "50",
+        work,
+        env={"VOXAFFECT_TEST_WRAP_PREDICTOR": "tests.gates:wrap", GATE_ENV: str(gate.dir)},
     ).start()
-    yield proc
+    yield proc, gate
     proc.stop()
+
+
+@pytest.fixture
+def gated(gated_server: tuple[ServerProcess, Gate]) -> Iterator[tuple[ServerProcess, Gate]]:
+    gated_server[1].reset()
+    yield gated_server
+    gated_server[1].reset()

@@ -178,28 +178,51 @@ def _state(pid: int) -> str | None:
         return None
 
 
-def test_a_dead_prosody_worker_costs_no_window_and_is_replaced(server):
+def _run_speech(server, token: str | None = None) -> tuple[list[dict], dict]:
     audio = to_pcm16(np.concatenate([speech(), speech(pitch=70)]))
+    client = Recorder(server.url, token=token)
+    sid = client.start()["session_id"]
+    client.stream(sid, audio, speed=4)
+    summary = client.end(sid)
+    client.close()
+    return client.of("emotion_result"), summary
 
-    def run() -> tuple[list[dict], dict]:
-        client = Recorder(server.url)
-        sid = client.start()["session_id"]
-        client.stream(sid, audio, speed=4)
-        summary = client.end(sid)
-        client.close()
-        return client.of("emotion_result"), summary
 
-    def windows_due(summary: dict) -> int:  # each one analysed, or skipped and counted
-        return int(summary["results"] + summary["skipped_busy"])
+def _windows_due(summary: dict) -> int:  # each one analysed, or superseded and counted
+    return int(summary["results"] + summary["superseded"])
 
-    _, reference = run()
-    worker = _prosody_worker(server.proc.pid)
-    os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: _state(worker) in ("Z", None), what="the worker to die")  # Z: not reaped
 
-    results, summary = run()
-    assert windows_due(summary) == windows_due(reference)
+@pytest.mark.parametrize(("how", "reason"), [(signal.SIGKILL, "died"), (signal.SIGSTOP, "timeout")])
+def test_a_dead_or_hung_prosody_worker_costs_no_window_and_is_replaced(strict_server, how, reason):
+    """The strict server gives a prosody worker 2 s per window (--prosody-timeout-s)."""
+    _, reference = _run_speech(strict_server, TOKEN)
+    failures = strict_server.metric("voxaffect_prosody_failures_total", reason=reason)
+    worker = _prosody_worker(strict_server.proc.pid)
+    os.kill(worker, how)
+    if how == signal.SIGKILL:
+        wait_for(lambda: _state(worker) in ("Z", None), what="the worker to die")  # Z: unreaped
+    else:
+        wait_for(lambda: _state(worker) == "T", what="the worker to stop")
+
+    results, summary = _run_speech(strict_server, TOKEN)
+    assert _windows_due(summary) == _windows_due(reference)
+    assert summary["failed"] == 0
     assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
-    assert "prosody worker died" in server.log()
-    assert "f0_median_st" in results[-1]["stress"]["components"]  # a new worker measures again
-    assert _prosody_worker(server.proc.pid) != worker
+    missing = [r for r in results if "prosody" in r["stress"]["components"]]
+    assert missing and missing[0]["stress"]["components"]["prosody"]["reason"] == reason
+    assert strict_server.metric("voxaffect_prosody_failures_total", reason=reason) > failures
+    assert "prosody worker replaced" in strict_server.log()
+    wait_for(lambda: _state(worker) is None, what="the old worker to be gone")
+    replacement = wait_for(
+        lambda: _prosody_worker_or_none(strict_server.proc.pid), what="a new worker"
+    )
+    assert replacement != worker
+    results, _ = _run_speech(strict_server, TOKEN)
+    assert "f0_median_st" in results[-1]["stress"]["components"]  # the new worker measures
+
+
+def _prosody_worker_or_none(server_pid: int) -> int | None:
+    try:
+        return _prosody_worker(server_pid)
+    except AssertionError:
+        return None

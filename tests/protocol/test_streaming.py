@@ -107,35 +107,42 @@ def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(s
     assert len(spans[2]) == pytest.approx(len(spans[0]), abs=1)
 
 
-def test_inference_never_blocks_another_clients_round_trip(slow_server):
-    """A 24 s window (model + prosody) is analysed while another client pings every 10 ms."""
-    streamer, pinger = Recorder(slow_server.url), Recorder(slow_server.url)
+@pytest.mark.smoke
+def test_inference_never_blocks_another_clients_round_trip(gated):
+    """The model is kept busy 1.5 s per batch (tests/gates.py) while another client pings."""
+    server, gate = gated
+    gate.slow(1.5)
+    streamer, pinger = Recorder(server.url), Recorder(server.url)
     sid = streamer.start()["session_id"]
-    audio = np.concatenate([speech()] * 4)[: 25 * 16000]
-    pings: list[tuple[float, float]] = []
+    pings: list[float] = []
     stop = threading.Event()
 
     def ping_loop() -> None:
         while not stop.is_set():
             t0 = time.perf_counter()
             pinger.call("ping", {})
-            pings.append((time.monotonic(), (time.perf_counter() - t0) * 1000))
+            pings.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.01)
 
     thread = threading.Thread(target=ping_loop)
     thread.start()
-    streamer.stream(sid, to_pcm16(audio), speed=3.8)
-    result = wait_for(lambda: streamer.of("emotion_result"), 60, "the long window's result")[0]
+    streamer.stream(sid, to_pcm16(np.concatenate([speech()] * 2)), speed=4)
+    results = wait_for(
+        lambda: len(streamer.of("emotion_result")) >= 2 and streamer.of("emotion_result"),
+        60,
+        "two results",
+    )
     stop.set()
     thread.join()
-    assert result["latency_ms"] > 200, "the window must have kept the server busy for a while"
-    assert len(pings) > 200
-    worst = max(ms for _, ms in pings)
-    assert worst < 50, f"a ping took {worst:.0f} ms while the window was analysed"
+    assert min(r["latency_ms"] for r in results) >= 1500  # the model was busy all along
+    assert len(pings) > 50
+    worst = max(pings)
+    assert worst < 50, f"a ping took {worst:.0f} ms while windows were analysed"
     streamer.close()
     pinger.close()
 
 
+@pytest.mark.smoke
 def test_a_megabyte_chunk_never_blocks_another_clients_round_trip(server):
     """The hub unmasks every WebSocket frame: a 1 MB chunk once held every client ~450 ms."""
     sender, pinger = Recorder(server.url), Recorder(server.url)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from eventlet.websocket import RFC6455WebSocket
 
-from server.concurrency import websocket_unmask
+from server.runtime import websocket_unmask
 from tests.harness import ROOT
 
 pytestmark = pytest.mark.unit
@@ -23,13 +23,14 @@ SCRIPT = textwrap.dedent(
     eventlet.monkey_patch()
     import sys
     from engine.audio import AudioFormat, decode_chunk
-    from server.concurrency import native_locks_for_shared_libraries, offload
+    from server.runtime import EventletRuntime
+    runtime = EventletRuntime()
     if sys.argv[1] == "fixed":
-        native_locks_for_shared_libraries()
+        runtime.install()
     fmt = AudioFormat("mulaw", 8000, 1)
     pool = eventlet.GreenPool(16)
     for _ in range(3000):
-        pool.spawn(offload, decode_chunk, bytes(range(256)) * 4, fmt)
+        pool.spawn(runtime.offload, decode_chunk, bytes(range(256)) * 4, fmt)
     pool.waitall()
     print("done")
     """

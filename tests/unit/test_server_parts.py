@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import base64
-import time
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.audio import AudioFormat
-from engine.pipeline import PipelineConfig, StreamPipeline
-from server.api import timeline_csv
 from server.metrics import Metrics
-from server.protocol import ProtocolError, chunk_seconds, parse_chunk, parse_start
-from server.sessions import Session, SessionRegistry, Track
+from server.protocol import ProtocolError, chunk_seconds, parse_chunk, parse_start, valid_id
+from server.runtime import ThreadRuntime
+from server.sessions import Session, SessionRegistry
 from server.settings import Settings, parse
 from server.store import Store
+from server.wire import timeline_csv
 
 pytestmark = pytest.mark.unit
 LABELS = ("angry", "happy")
@@ -86,28 +85,33 @@ def test_chunk_seconds():
     assert chunk_seconds(b"\x00" * 160, AudioFormat("mulaw", 8000)) == pytest.approx(0.02)
 
 
-def make_session(sid: str = "s1", owner: str | None = "sid-a") -> Session:
-    pipe = StreamPipeline(PipelineConfig(), labels=LABELS)
-    return Session(
-        id=sid,
-        source="socketio",
-        format=AudioFormat(),
-        tracks={None: Track(None, pipe)},
-        owner=owner,
-    )
+class Runner:
+    """What the registry holds of a session runner."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+
+def make(sid: str = "s1", owner: str | None = "sid-a", source: str = "socketio") -> Runner:
+    return Runner(Session(id=sid, source=source, format=AudioFormat(), owner=owner))
+
+
+def add(reg: SessionRegistry, runner: Runner) -> Runner:
+    reg.reserve(runner.session.id)
+    reg.add(runner)  # type: ignore[arg-type]
+    return runner
 
 
 def test_registry_ownership_limits_and_resume_tokens():
     reg = SessionRegistry(max_sessions=2)
-    a = make_session("a")
-    reg.add(a)
-    reg.add(make_session("b", owner="sid-b"))
+    a = add(reg, make("a"))
+    add(reg, make("b", owner="sid-b"))
     with pytest.raises(ProtocolError) as info:
-        reg.add(make_session("c"))
+        reg.reserve("c")
     assert info.value.code == "SESSION_LIMIT"
     with pytest.raises(ProtocolError) as info:
-        reg.add(make_session("a"))
-    assert info.value.code == "UNAUTHORIZED"
+        reg.reserve("a")
+    assert info.value.code == "SESSION_EXISTS"
     assert reg.owned("a", "sid-a") is a
     with pytest.raises(ProtocolError) as info:
         reg.owned("a", "sid-b")
@@ -115,31 +119,69 @@ def test_registry_ownership_limits_and_resume_tokens():
     with pytest.raises(ProtocolError) as info:
         reg.owned("zzz", "sid-a")
     assert info.value.code == "UNKNOWN_SESSION"
-    assert reg.by_token(a.token) is a and reg.by_token("nope") is None
-    assert reg.detach("sid-a") == [a] and a.owner is None
+    assert reg.by_token(a.session.token) is a and reg.by_token("nope") is None
+    assert reg.detach("sid-a") == [a] and a.session.owner is None
 
 
-def test_expiry_and_idle():
-    reg = SessionRegistry(10)
-    gone, idle = make_session("gone"), make_session("idle")
-    reg.add(gone)
-    reg.add(idle)
+def test_an_ended_sessions_id_is_never_given_out_again():
+    reg = SessionRegistry(max_sessions=5)
+    a = add(reg, make("a"))
+    reg.remove(a)  # type: ignore[arg-type]
+    assert reg.get("a") is None
+    with pytest.raises(ProtocolError) as info:
+        reg.reserve("a")
+    assert info.value.code == "SESSION_EXISTS"
+    reg.reserve("b")
+    reg.release("b")  # opening b failed: the id is free again
+    reg.reserve("b")
+
+
+def test_expiry_and_idle_follow_the_injected_clock():
+    now = [1000.0]
+    reg = SessionRegistry(10, clock=lambda: now[0])
+    gone, idle, call = make("gone"), make("idle", owner="sid-x"), make("call", source="twilio")
+    for r in (gone, idle, call):
+        r.session.started = r.session.last_audio = now[0]
+        add(reg, r)
     reg.detach("sid-a")
-    idle.owner, idle.disconnected_at = "sid-x", None
-    gone.disconnected_at = time.monotonic() - 100
-    idle.last_audio = time.monotonic() - 1000
-    assert {(s.id, r) for s, r in reg.expired(resume_ttl_s=60, idle_timeout_s=300)} == {
-        ("gone", "not resumed"),
-        ("idle", "idle"),
-    }
+    call.session.disconnected_at = now[0]
+    now[0] += 30.0
+    assert reg.expired(resume_ttl_s=60, idle_timeout_s=300, call_rejoin_s=10) == [
+        (call, "connection dropped")
+    ]
+    now[0] += 40.0
+    idle.session.last_audio = now[0] - 301
+    assert {
+        (r.session.id, why)
+        for r, why in reg.expired(resume_ttl_s=60, idle_timeout_s=300, call_rejoin_s=10)
+    } == {("gone", "not resumed"), ("idle", "idle"), ("call", "connection dropped")}
 
 
 def test_rate_allowance():
-    s = make_session()
-    assert s.allow_audio(5.0, max_realtime_factor=2.0)  # the burst
-    assert not s.allow_audio(1.0, max_realtime_factor=2.0)
-    s.started -= 1.0  # a second later: two more seconds are allowed
-    assert s.allow_audio(1.9, max_realtime_factor=2.0)
+    s = Session(id="s", source="socketio", format=AudioFormat(), started=0.0)
+    assert s.allow_audio(5.0, factor=2.0, burst_s=5.0, now=0.0)  # the burst
+    assert not s.allow_audio(1.0, factor=2.0, burst_s=5.0, now=0.0)
+    assert s.allow_audio(1.9, factor=2.0, burst_s=5.0, now=1.0)  # a second later: two more
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("CA0123456789abcdef", True),
+        ("a.b:c-d_e", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("", False),
+        ('quote"id', False),
+        ("crlf\r\nid", False),
+        ("slash/id", False),
+        ("trailing\n", False),
+        (12, False),
+        (None, False),
+    ],
+)
+def test_one_rule_for_every_session_id(value, ok):
+    assert valid_id(value) is ok
 
 
 def test_metrics_on_a_fresh_registry():
@@ -179,48 +221,76 @@ def result(seq: int) -> dict:
 
 
 def test_store_round_trip_and_csv(tmp_path):
-    store = Store(tmp_path / "t.db", flush_s=0.05)
-    store.open_session(
-        "s1", source="socketio", config={"window_s": 2.0}, model={"labels": list(LABELS)}
+    store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime())
+    assert store.start() == [1, 2]
+    assert store.claim(
+        "s1",
+        source="socketio",
+        started_at=1.0,
+        config={"window_s": 2.0},
+        model={"labels": list(LABELS)},
+        meta={},
     )
+    assert not store.claim("s1", source="twilio", started_at=2.0, config={}, model={}, meta={}), (
+        "an id is claimed once"
+    )
+    handed_on: list[int] = []
     for seq in (1, 2, 3):
-        store.add_result("s1", seq, result(seq))
-    store.add_result("s1", 2, result(2))  # a duplicate write is ignored
-    store.close_session("s1", {"results": 3})
+        store.add_result("s1", result(seq), then=lambda seq=seq: handed_on.append(seq))
+    store.add_result("s1", result(2))  # a duplicate write is ignored
+    store.close_session("s1", {"results": 3}, ended_at=5.0)
     assert store.flush()
+    assert handed_on == [1, 2, 3]
     stored = store.get_session("s1")
     assert [f["seq"] for f in stored["frames"]] == [1, 2, 3]
     assert stored["summary"] == {"results": 3} and stored["results"] == 3
+    assert stored["source"] == "socketio"
     assert [f["seq"] for f in store.get_session("s1", since_seq=1)["frames"]] == [2, 3]
     assert store.get_session("nope") is None
     assert store.list_sessions()[0]["session_id"] == "s1"
     rows = timeline_csv(stored).splitlines()
     assert rows[0].endswith("angry,happy") and rows[2].startswith("2,,1.0,3.0,happy,0.6,20.0")
+    assert store.delete_session("s1") and store.get_session("s1") is None
     store.close()
+    assert Store(str(tmp_path / "t.db"), runtime=ThreadRuntime()).start() == []  # migrated
 
 
-def test_the_readme_documents_every_setting():
-    import dataclasses
+def test_the_readme_settings_table_is_the_one_settings_make():
     from pathlib import Path
 
+    from server.settings import markdown_table
+
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [
-        f.name
-        for f in dataclasses.fields(Settings)
-        if f"`VOXAFFECT_{f.name.upper()}`" not in readme
-    ]
-    assert missing == []
+    assert markdown_table() in readme, "regenerate it with: python -m server.settings"
 
 
 def test_reorderer_releases_in_chunk_order_and_fills_stale_gaps():
     from server.telephony import MULAW_SILENCE, Reorderer
 
-    r = Reorderer(window=3)
+    faults: list[str] = []
+    r = Reorderer(3, lambda kind, detail: faults.append(kind), clock=lambda: 0.0)
     assert r.push(2, b"b") == []
     assert r.push(1, b"a") == [b"a", b"b"]
-    assert r.push(1, b"a") == [] and r.late == 1  # duplicate
+    assert r.push(1, b"a") == [] and faults == ["late_chunk"]  # duplicate
     assert r.push(5, b"e") == []
     assert r.push(6, b"f") == [MULAW_SILENCE]  # three later chunks are here: 3 is given up
     assert r.push(7, b"g") == [MULAW_SILENCE, b"e", b"f", b"g"]  # and then 4
     assert r.filled == 2
-    assert r.push(3, b"c") == [] and r.late == 2  # too late: its place was filled
+    assert r.push(3, b"c") == [] and faults == ["late_chunk"] * 2  # too late: filled
+
+
+def test_a_chunk_far_ahead_is_a_fault_and_its_silence_is_bounded_by_real_time():
+    from server.telephony import MULAW_SILENCE, Reorderer
+
+    now = [0.0]
+    faults: list[str] = []
+    r = Reorderer(5, lambda kind, detail: faults.append(kind), clock=lambda: now[0])
+    assert r.push(1, b"a" * 160) == [b"a" * 160]
+    now[0] = 0.1  # 100 ms later, a chunk a billion ahead
+    out = r.push(1_000_000_001, b"b" * 160)
+    assert faults == ["chunk_gap"]
+    assert out == [MULAW_SILENCE * 160 * 5, b"b" * 160]  # 5 chunks = the 100 ms that passed
+    now[0] = 3600.0  # an hour of silence, then a jump: at most MAX_GAP_FILL_S of it
+    out = r.push(2_000_000_000, b"c" * 160)
+    assert len(out[0]) == 160 * 500 and out[1] == b"c" * 160
+    assert r.push(2_000_000_001, b"d" * 160) == [b"d" * 160]  # in order again

@@ -1,0 +1,258 @@
+"""The Socket.IO protocol edge (default namespace): one handler per client event.
+
+Handlers validate each message, check that the connection owns the session, and hand audio to
+the session's runner; they never decode, infer or touch the disk themselves. Every failure
+becomes an ``error`` event with a code (and, for events with an acknowledgement, the same error
+in the ack), and never ends the session or the connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import request
+from flask_socketio import Namespace, SocketIO, join_room, leave_room
+from socketio.exceptions import ConnectionRefusedError
+
+from server import wire
+from server.auth import request_token, token_ok
+from server.events import Disconnected, Event
+from server.factory import SessionFactory
+from server.metrics import Metrics
+from server.protocol import ProtocolError, chunk_seconds, parse_chunk, parse_start, session_id_of
+from server.runner import InboxFull, SessionClosed, SessionRunner
+from server.runtime import ThreadRuntime
+from server.sessions import SessionRegistry
+from server.settings import Settings
+from server.store import Store
+from server.subscribers import MONITOR_ROOM
+
+log = logging.getLogger(__name__)
+RECENT_FOR_SUPERVISORS = 120  # results a supervisor gets when it starts watching a session
+
+
+def _sid() -> str:
+    return request.sid  # type: ignore[attr-defined]
+
+
+def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """ProtocolError (or any failure) -> an ``error`` event and the same error in the ack."""
+
+    @functools.wraps(handler)
+    def wrapper(self: StreamNamespace, data: Any = None) -> Any:
+        try:
+            return handler(self, data)
+        except ProtocolError as exc:
+            return self.report(exc)
+        except Exception:
+            log.exception("handler failed", extra={"event": handler.__name__})
+            return self.report(ProtocolError("INVALID_MESSAGE", "the server could not handle this"))
+
+    return wrapper
+
+
+class StreamNamespace(Namespace):
+    def __init__(
+        self,
+        socketio: SocketIO,
+        *,
+        settings: Settings,
+        factory: SessionFactory,
+        registry: SessionRegistry,
+        store: Store,
+        metrics: Metrics,
+        publish: Callable[[Event], None],
+        runtime: ThreadRuntime,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__("/")
+        self.sio = socketio
+        self.settings = settings
+        self.factory = factory
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.publish = publish
+        self.runtime = runtime
+        self.clock = clock
+        self.supervisors: set[str] = set()  # sids that presented a valid API token
+
+    def report(self, exc: ProtocolError) -> dict[str, Any]:
+        self.metrics.errors.labels(exc.code).inc()
+        payload = exc.payload()
+        self.sio.emit("error", payload, to=_sid())
+        return {"error": payload}
+
+    # --- connections -------------------------------------------------------------------------
+
+    def on_connect(self, auth: Any = None) -> None:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        if self.settings.auth_required:
+            if not token_ok(self.settings, token or request_token(request)):
+                self.metrics.errors.labels("UNAUTHORIZED").inc()
+                # The client's connect_error gets {"message": ..., "data": {"code": ...}}.
+                raise ConnectionRefusedError(
+                    "a valid API token is required", {"code": "UNAUTHORIZED"}
+                )
+            self.supervisors.add(_sid())
+        self.metrics.connections.labels("socketio").inc()
+
+    def on_disconnect(self, *_: Any) -> None:
+        sid = _sid()
+        self.supervisors.discard(sid)
+        self.metrics.connections.labels("socketio").dec()
+        for runner in self.registry.detach(sid):
+            log.info("client gone; session awaits resume", extra={"session_id": runner.session.id})
+            self.publish(Disconnected(runner.session))
+
+    def on_ping(self, data: Any = None) -> dict[str, Any]:
+        """Latency probe: answered at once, from the hub."""
+        return {"server_time": time.time(), "echo": data}
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    @guarded
+    def on_start_session(self, data: Any) -> dict[str, Any]:
+        start = parse_start(data)
+        if start.resume_token is not None:
+            return self._resume(start.resume_token, start.session_id, start.since_seq)
+        runner = self.factory.open(
+            source="socketio",
+            fmt=start.format,
+            session_id=start.session_id,
+            owner=_sid(),
+            embeddings=start.embeddings or self.settings.embeddings,
+        )
+        join_room(runner.session.room)
+        return {
+            "session_id": runner.session.id,
+            "resume_token": runner.session.token,
+            "config": {**self.factory.config(start.format), "model": self.factory.model_info},
+            "resumed": False,
+        }
+
+    def _resume(self, token: str, session_id: str | None, since_seq: int) -> dict[str, Any]:
+        runner = self.registry.by_token(token)
+        if runner is None or runner.session.ended:
+            raise ProtocolError(
+                "UNKNOWN_SESSION", "no session to resume with that token (expired or ended)"
+            )
+        session = runner.session
+        if session_id not in (None, session.id):
+            raise ProtocolError("UNAUTHORIZED", "the resume_token is for another session")
+        sid = _sid()
+        if session.owner and session.owner != sid:
+            leave_room(session.room, sid=session.owner)
+        session.owner, session.disconnected_at = sid, None
+        replayed = self._replay(runner, sid, since_seq)
+        log.info("session resumed", extra={"session_id": session.id, "replayed": replayed})
+        return {
+            "session_id": session.id,
+            "resume_token": session.token,
+            "config": {**self.factory.config(session.format), "model": self.factory.model_info},
+            "resumed": True,
+            "replayed": replayed,
+            "last_seq": session.seq,
+        }
+
+    def _replay(self, runner: SessionRunner, sid: str, since_seq: int) -> int:
+        """Send ``sid`` every result after ``since_seq`` that the room has had, then let it into
+        the room: later results reach it from there, none twice, none lost."""
+        session = runner.session
+        with session.lock:  # the room publisher waits meanwhile
+            kept = [r for r in session.results if since_seq < r["seq"] <= session.published_seq]
+            oldest_kept = kept[0]["seq"] if kept else session.published_seq + 1
+            older: list[dict[str, Any]] = []
+            if since_seq + 1 < oldest_kept:
+                stored = self.runtime.offload(
+                    self.store.get_session, session.id, since_seq=since_seq
+                )
+                older = [f for f in (stored or {}).get("frames", []) if f["seq"] < oldest_kept]
+            for result in older + kept:
+                self.sio.emit("emotion_result", result, to=sid)
+            join_room(session.room, sid=sid)
+        return len(older) + len(kept)
+
+    @guarded
+    def on_audio_stream(self, data: Any) -> None:
+        s = self.settings
+        session_id, raw = parse_chunk(data, s.max_chunk_bytes)
+        runner = self.registry.owned(session_id, _sid())
+        session = runner.session
+        seconds = chunk_seconds(raw, session.format)
+        if not session.allow_audio(seconds, s.max_realtime_factor, s.rate_burst_s, self.clock()):
+            raise ProtocolError(
+                "RATE_LIMITED",
+                f"audio arrives faster than {s.max_realtime_factor:g}x real time; "
+                "this chunk was dropped",
+                session_id,
+            )
+        self.metrics.audio_seconds.labels("socketio").inc(seconds)
+        try:
+            runner.push(None, raw)
+        except InboxFull:
+            raise ProtocolError(
+                "RATE_LIMITED",
+                "the server is behind on this session's audio; slow down",
+                session_id,
+            ) from None
+        except SessionClosed:
+            raise ProtocolError(
+                "UNKNOWN_SESSION", f"session {session_id} has ended", session_id
+            ) from None
+
+    @guarded
+    def on_end_session(self, data: Any) -> dict[str, Any]:
+        session_id = session_id_of(data, "end_session")
+        assert session_id is not None
+        runner = self.registry.owned(session_id, _sid())
+        runner.end("ended by client")
+        return {"session_id": session_id, "ending": True}
+
+    # --- supervisors -------------------------------------------------------------------------
+
+    @guarded
+    def on_subscribe(self, data: Any) -> dict[str, Any]:
+        """Monitor access (for API token holders when tokens are set): live updates of every
+        session, or the results of one session."""
+        sid = _sid()
+        if sid not in self.supervisors:  # secure by default: no tokens configured, no monitoring
+            raise ProtocolError(
+                "UNAUTHORIZED",
+                "monitoring needs an API token (start the server with VOXAFFECT_API_TOKENS)",
+            )
+        session_id = session_id_of(data or {}, "subscribe", required=False)
+        if session_id is None:
+            join_room(MONITOR_ROOM)
+            states = [wire.session_state(r.session) for r in self.registry.all()]
+            return {
+                "sessions": [
+                    s
+                    for r, s in zip(self.registry.all(), states, strict=True)
+                    if not r.session.ended
+                ]
+            }
+        runner = self.registry.get(session_id)
+        if runner is None:  # a session on another node: its results arrive through the room
+            join_room(f"session:{session_id}")
+            return {"session_id": session_id, "recent": []}
+        session = runner.session
+        with session.lock:
+            recent = [r for r in session.results if r["seq"] <= session.published_seq]
+            join_room(session.room)
+        return {"session_id": session_id, "recent": recent[-RECENT_FOR_SUPERVISORS:]}
+
+    @guarded
+    def on_unsubscribe(self, data: Any) -> dict[str, Any]:
+        session_id = session_id_of(data or {}, "unsubscribe", required=False)
+        if session_id is None:
+            leave_room(MONITOR_ROOM)
+            return {"ok": True}
+        runner = self.registry.get(session_id)
+        if runner is None or runner.session.owner != _sid():
+            leave_room(f"session:{session_id}")  # an owner keeps its own results
+        return {"ok": True}

@@ -1,0 +1,329 @@
+"""The session runner with scripted fakes: a window analysis the test holds and releases, and a
+publisher that records every event. Nothing here depends on how fast this machine is."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from engine.audio import AudioFormat
+from engine.batcher import InferenceBatcher
+from engine.model import Prediction
+from engine.pipeline import PipelineConfig, StreamPipeline
+from engine.prosody import Prosody
+from server.analysis import Analysis, AnalysisError, ProsodyUnavailable, WindowAnalyser
+from server.events import Ended, Error, Result, Skipped, VadChange
+from server.runner import FILE, LIVE, InboxFull, SessionClosed, SessionRunner, Track
+from server.runtime import ThreadRuntime
+from server.sessions import Session
+from tests import LABELS
+from tests.speech import silence, speech, to_pcm16
+
+pytestmark = pytest.mark.unit
+WAIT_S = 30
+
+
+def calm_prosody() -> Prosody:
+    return Prosody(0.0, 3.0, -20.0, 4.0, -6.0, 1.0, 10.0, 0.6)
+
+
+class FakeAnalyse:
+    """Answers each window with fixed probabilities. ``held``: each call waits for a permit."""
+
+    def __init__(self, held: bool = False) -> None:
+        self.cond = threading.Condition()
+        self.calls: list[str] = []
+        self.permits = threading.Semaphore(0) if held else None
+        self.fail: set[int] = set()  # call indexes that fail
+        self.prosody_missing: str | None = None
+
+    def __call__(self, samples, *, narrowband, embeddings, priority) -> Analysis:
+        with self.cond:
+            index = len(self.calls)
+            self.calls.append(priority)
+            self.cond.notify_all()
+        if self.permits is not None:
+            assert self.permits.acquire(timeout=WAIT_S), "the test never released a window"
+        if index in self.fail:
+            raise AnalysisError("INFERENCE_FAILED", f"call {index} failed")
+        probs = np.full(len(LABELS), 1 / len(LABELS), dtype=np.float32)
+        probs[4] += 0.05  # neutral on top
+        prosody = calm_prosody() if self.prosody_missing is None else Prosody.unmeasured()
+        return Analysis(probs / probs.sum(), None, "cpu", None, prosody, self.prosody_missing)
+
+    def started(self, n: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.calls) >= n, WAIT_S), self.calls
+
+    def release(self, n: int = 1) -> None:
+        assert self.permits is not None
+        for _ in range(n):
+            self.permits.release()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, event: object) -> None:
+        with self.cond:
+            self.events.append(event)
+            self.cond.notify_all()
+
+    def of(self, kind: type) -> list:
+        with self.cond:
+            return [e for e in self.events if isinstance(e, kind)]
+
+    def wait(self, kind: type, count: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.of(kind)) >= count, WAIT_S), self.events
+
+    def ended(self) -> Ended:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.of(Ended), WAIT_S)
+        return self.of(Ended)[0]
+
+
+class HeldFeed(ThreadRuntime):
+    """Decoding (the runner's offloaded feed) waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def offload(self, fn, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(WAIT_S)
+        return fn(*args, **kwargs)
+
+
+def runner_for(
+    analyse: FakeAnalyse,
+    *,
+    policy=LIVE,
+    inbox_max_bytes: int = 4 << 20,
+    runtime: ThreadRuntime | None = None,
+) -> tuple[SessionRunner, Recorder]:
+    recorder = Recorder()
+    fmt = AudioFormat()
+    pipeline = StreamPipeline(PipelineConfig(), fmt, labels=LABELS)
+    runner = SessionRunner(
+        Session(id="s1", source="socketio", format=fmt),
+        {None: Track(None, pipeline)},
+        analyse=analyse,
+        publish=recorder,
+        runtime=runtime or ThreadRuntime(),
+        policy=policy,
+        inbox_max_bytes=inbox_max_bytes,
+        feed_max_bytes=1 << 20,
+    )
+    threading.Thread(target=runner.run, daemon=True).start()
+    return runner, recorder
+
+
+def talk(seconds: float) -> np.ndarray:
+    """Continuous espeak-ng speech of at least ``seconds``."""
+    s = speech()
+    return np.tile(s, int(np.ceil(seconds * 16000 / s.size)))[: int(seconds * 16000)]
+
+
+def spans(recorder: Recorder) -> list[tuple[float, float]]:
+    return [(r.result["start_s"], r.result["end_s"]) for r in recorder.of(Result)]
+
+
+def test_a_window_due_while_another_is_in_flight_waits_and_starts_right_after():
+    analyse = FakeAnalyse(held=True)
+    runner, rec = runner_for(analyse)
+    pcm = to_pcm16(talk(4.0))
+    runner.push(None, pcm[: 2 * 32000])  # [0, 2] comes due
+    analyse.started(1)
+    runner.push(None, pcm[2 * 32000 : 3 * 32000])  # [1, 3] comes due while [0, 2] is analysed
+    analyse.release()
+    analyse.started(2)  # it started as soon as the first was done: nothing was skipped
+    analyse.release(10)
+    runner.end("done")
+    summary = rec.ended().summary
+    assert spans(rec)[:2] == [(0.0, 2.0), (1.0, 3.0)]
+    assert [r.result["hop_s"] for r in rec.of(Result)][:2] == [None, 1.0]
+    assert summary["superseded"] == 0
+
+
+def test_a_newer_due_window_replaces_the_waiting_one_and_results_say_their_hop():
+    analyse = FakeAnalyse(held=True)
+    runner, rec = runner_for(analyse)
+    pcm = to_pcm16(talk(5.0))
+    runner.push(None, pcm[: 2 * 32000])
+    analyse.started(1)  # [0, 2] in flight
+    runner.push(None, pcm[2 * 32000 :])  # [1, 3], [2, 4], [3, 5] come due at once
+    rec.wait(Skipped, 2)  # fed while [0, 2] is still in flight
+    runner.end("done")
+    analyse.release(10)
+    summary = rec.ended().summary
+    assert spans(rec) == [(0.0, 2.0), (3.0, 5.0)]  # the newest due window, not a stale one
+    assert [r.result["hop_s"] for r in rec.of(Result)] == [None, 3.0]
+    assert summary["superseded"] == 2
+    assert [(s.reason, s.count) for s in rec.of(Skipped)] == [("superseded", 1)] * 2
+    assert [r.result["seq"] for r in rec.of(Result)] == [1, 2]
+
+
+def test_ending_while_a_window_is_in_flight_waits_for_it_then_summarises():
+    analyse = FakeAnalyse(held=True)
+    runner, rec = runner_for(analyse)
+    runner.push(None, to_pcm16(np.concatenate([talk(2.5), silence(0.5)])))
+    analyse.started(1)
+    runner.end("ended by client")
+    with pytest.raises(SessionClosed):
+        runner.push(None, b"\x00\x00" * 160)
+    assert rec.of(Ended) == []  # not before the window in flight is done
+    analyse.release(10)
+    ended = rec.ended()
+    results = rec.of(Result)
+    assert ended.reason == "ended by client" and ended.summary["results"] == len(results) >= 1
+    assert rec.events.index(ended) > rec.events.index(results[-1])
+    assert runner.done.wait(WAIT_S)
+
+
+def test_a_failed_window_is_reported_and_the_session_goes_on():
+    analyse = FakeAnalyse()
+    analyse.fail = {0}
+    runner, rec = runner_for(analyse)
+    runner.push(None, to_pcm16(talk(4.0)))
+    runner.end("done")
+    summary = rec.ended().summary
+    assert [e.code for e in rec.of(Error)] == ["INFERENCE_FAILED"]
+    assert rec.of(Result) and summary["failed"] == 1
+    assert [r.result["seq"] for r in rec.of(Result)] == list(range(1, len(rec.of(Result)) + 1))
+
+
+def test_a_window_without_prosody_says_so_and_scores_lower_confidence():
+    stress = {}
+    for missing in (None, "timeout"):
+        analyse = FakeAnalyse()
+        analyse.prosody_missing = missing
+        runner, rec = runner_for(analyse)
+        runner.push(None, to_pcm16(talk(2.0)))
+        runner.end("done")
+        rec.ended()
+        stress[missing] = rec.of(Result)[0].result["stress"]
+    assert "prosody" not in stress[None]["components"]
+    assert stress["timeout"]["components"]["prosody"] == {
+        "available": False,
+        "reason": "timeout",
+        "points": 0.0,
+    }
+    assert stress["timeout"]["confidence"] < stress[None]["confidence"]
+
+
+def test_a_catch_up_burst_longer_than_the_ring_buffer_loses_no_window():
+    """15 s of audio at once (the ring holds 10 s): windows are cut as the audio is fed."""
+    analyse = FakeAnalyse()
+    runner, rec = runner_for(analyse, policy=FILE)
+    runner.push(None, to_pcm16(talk(15.0)))
+    runner.end("done")
+    summary = rec.ended().summary
+    assert rec.of(Error) == []
+    assert spans(rec)[:14] == [(float(i), float(i + 2)) for i in range(14)]
+    assert summary["windows"] == len(rec.of(Result))
+
+
+def test_a_live_burst_keeps_the_newest_window_and_counts_the_rest():
+    analyse = FakeAnalyse()
+    runner, rec = runner_for(analyse)
+    runner.push(None, to_pcm16(talk(15.0)))
+    runner.end("done")
+    summary = rec.ended().summary
+    assert rec.of(Error) == []
+    due = summary["windows"] + summary["superseded"] + summary["skipped_silence"]
+    assert due >= 14  # every window of the burst is analysed or accounted for
+    assert spans(rec)[-1][1] == pytest.approx(15.0, abs=0.05)
+
+
+def test_file_analysis_waits_for_room_instead_of_dropping_windows():
+    analyse = FakeAnalyse(held=True)
+    runner, rec = runner_for(analyse, policy=FILE)
+    runner.push(None, talk(12.0), block=True)
+    runner.end("file")
+    analyse.started(FILE.max_inflight)
+    analyse.release(100)
+    summary = rec.ended().summary
+    assert summary["superseded"] == 0
+    assert spans(rec)[:10] == [(float(i), float(i + 2)) for i in range(10)]
+    assert set(analyse.calls) == {"bulk"}
+
+
+def test_a_full_inbox_refuses_more_audio_until_it_drains():
+    runtime = HeldFeed()
+    runner, rec = runner_for(FakeAnalyse(), inbox_max_bytes=64_000, runtime=runtime)
+    chunk = to_pcm16(talk(0.1))
+    runner.push(None, chunk)
+    assert runtime.entered.wait(WAIT_S)  # the worker is decoding it, held
+    accepted = 0
+    with pytest.raises(InboxFull):
+        for _ in range(1000):
+            runner.push(None, chunk)
+            accepted += 1
+    assert accepted * len(chunk) <= 64_000
+    runtime.release.set()
+    runner.push(None, chunk, block=True)  # room again once the worker has taken the inbox
+    runner.end("done")
+    assert rec.ended().summary["audio_received_s"] == 0.0  # the edge counts audio, not the runner
+
+
+def test_vad_changes_are_published_with_their_times():
+    analyse = FakeAnalyse()
+    runner, rec = runner_for(analyse)
+    runner.push(None, to_pcm16(np.concatenate([silence(1.0), talk(3.0), silence(1.0)])))
+    runner.end("done")
+    rec.ended()
+    changes = [v.payload for v in rec.of(VadChange)]
+    assert changes[0]["speech"] is True and changes[0]["at_s"] == pytest.approx(1.0, abs=0.2)
+    assert changes[-1]["speech"] is False
+
+
+# --- the analysis step -----------------------------------------------------------------------
+
+
+class FakeModel:
+    device = "cpu"
+
+    def predict(self, windows, *, embeddings=False):
+        probs = np.full((windows.shape[0], len(LABELS)), 1 / len(LABELS), dtype=np.float32)
+        return Prediction(probs, device="cpu")
+
+
+def test_a_window_whose_prosody_times_out_is_analysed_without_it_and_counted():
+    failures: list[str] = []
+
+    def hung(samples, narrowband):
+        raise ProsodyUnavailable("timeout", "no answer within 5 s")
+
+    batcher = InferenceBatcher(FakeModel(), max_wait_ms=0)
+    analyser = WindowAnalyser(
+        batcher, hung, inference_timeout_s=WAIT_S, on_prosody_failure=failures.append
+    )
+    analysis = analyser(
+        np.zeros(32000, np.float32), narrowband=False, embeddings=False, priority="live"
+    )
+    assert analysis.prosody_missing == "timeout" and np.isnan(analysis.prosody.f0_median_st)
+    assert analysis.probs.shape == (len(LABELS),) and failures == ["timeout"]
+    batcher.close()
+
+
+def test_a_window_the_model_does_not_answer_in_time_is_an_inference_timeout():
+    class Stuck(FakeModel):
+        release = threading.Event()
+
+        def predict(self, windows, *, embeddings=False):
+            self.release.wait(WAIT_S)
+            return super().predict(windows)
+
+    batcher = InferenceBatcher(Stuck(), max_wait_ms=0)
+    analyser = WindowAnalyser(batcher, lambda s, n: calm_prosody(), inference_timeout_s=0.05)
+    with pytest.raises(AnalysisError) as info:
+        analyser(np.zeros(32000, np.float32), narrowband=False, embeddings=False, priority="live")
+    assert info.value.code == "INFERENCE_TIMEOUT"
+    Stuck.release.set()
+    batcher.close()
