@@ -83,8 +83,7 @@ def decode_chunk(data: bytes, fmt: AudioFormat) -> tuple[np.ndarray, int]:
     if fmt.encoding == "pcm_s16le":
         samples = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
     elif fmt.encoding == "pcm_f32le":
-        samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
-        _check_finite(samples)
+        samples = _full_scale(np.frombuffer(data, dtype="<f4").astype(np.float32))
     else:
         samples, _ = sf.read(
             io.BytesIO(data),
@@ -111,13 +110,19 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
         raise AudioFormatError("wav chunk holds no samples")
     if samples.shape[1] > MAX_CHANNELS:
         raise AudioFormatError(f"wav chunk has {samples.shape[1]} channels; at most {MAX_CHANNELS}")
-    _check_finite(samples)
-    return samples, int(rate)
+    return _full_scale(samples), int(rate)
 
 
 def _check_finite(samples: np.ndarray) -> None:
     if not np.isfinite(samples).all():
         raise AudioFormatError("audio holds NaN or infinite samples")
+
+
+def _full_scale(samples: np.ndarray) -> np.ndarray:
+    """Float audio clipped to full scale [-1, 1], as any recording chain would clip it.
+    Finite but huge values (1e30) would otherwise overflow float32 in the model's layer norm."""
+    _check_finite(samples)
+    return np.clip(samples, -1.0, 1.0, out=samples)
 
 
 def downmix(samples: np.ndarray) -> np.ndarray:
@@ -203,7 +208,6 @@ def load_file(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     handle: str | io.BytesIO = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         samples, rate = sf.read(handle, dtype="float32", always_2d=True)
-        mono = downmix(samples)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         if isinstance(source, bytes):
             raise AudioFormatError(f"unreadable audio file: {exc}") from exc
@@ -213,9 +217,10 @@ def load_file(source: str | Path | bytes) -> tuple[np.ndarray, int]:
             mono, rate = librosa.load(str(source), sr=None, mono=True)
         except Exception as exc2:  # audioread raises several unrelated types
             raise AudioFormatError(f"unreadable audio file {source}: {exc2}") from exc2
-    if mono.size == 0:
+        samples = np.asarray(mono, dtype=np.float32)[:, None]
+    if samples.size == 0:
         raise AudioFormatError("audio file holds no samples")
-    _check_finite(mono)
+    mono = downmix(_full_scale(samples))
     if not MIN_RATE <= rate <= 192_000:
         raise AudioFormatError(f"file sample rate {rate} Hz is out of range")
-    return resample(mono.astype(np.float32), int(rate)), int(rate)
+    return resample(mono, int(rate)), int(rate)

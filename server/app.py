@@ -135,6 +135,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
             factory=factory,
             registry=service.registry,
             metrics=metrics,
+            runtime=runtime,
             clock=service.clock,
         ),
     )

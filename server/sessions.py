@@ -128,6 +128,10 @@ class SessionRegistry:
     def get(self, session_id: str) -> SessionRunner | None:
         return self._live.get(session_id)
 
+    def opening(self, session_id: str) -> bool:
+        """The id is reserved by a session that is being opened right now."""
+        return session_id in self._opening
+
     def by_token(self, token: str) -> SessionRunner | None:
         for runner in self._live.values():
             if hmac.compare_digest(runner.session.token, token):

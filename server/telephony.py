@@ -35,6 +35,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from server.factory import SessionFactory
 from server.metrics import Metrics
 from server.protocol import ProtocolError, chunk_seconds, describe_id, valid_id
 from server.runner import InboxFull, SessionClosed, SessionRunner
+from server.runtime import ThreadRuntime
 from server.sessions import SessionRegistry
 from server.settings import Settings
 
@@ -60,6 +62,7 @@ MAX_GAP_FILL_S = 10.0  # silence put in for one gap in the chunk numbers, at mos
 FAULTS_LOGGED_PER_KIND = 3
 CALLER_ID_KEYS = {"caller", "callee", "from", "to", "ani", "dnis", "caller_id", "phone", "number"}
 RECEIVE_POLL_S = 1.0  # how often a connection waiting for a frame checks it was taken over
+OPENING_WAIT_S = 10.0  # how long a connection waits for another to finish opening its call
 
 
 class Reorderer:
@@ -112,6 +115,141 @@ class Reorderer:
                 return out
 
 
+class Fault(Exception):
+    """A malformed message from a media server; ``kind`` is counted as a telephony event."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioStart:
+    call_id: Any  # checked by the one session-id rule when the call opens
+    fmt: AudioFormat
+    parties: list[str]
+    token: str | None
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TwilioMedia:
+    party: str
+    chunk: int  # 0: the stream numbers no chunks
+    payload: bytes
+
+
+def parse_twilio_event(message: str | bytes) -> tuple[str, dict[str, Any]]:
+    if isinstance(message, bytes):
+        raise Fault("binary_frame", f"{len(message)} bytes where JSON text was expected")
+    try:
+        data = json.loads(message)
+        event = data["event"]
+    except (TypeError, ValueError, KeyError, RecursionError):
+        raise Fault("bad_json", f"not a JSON event: {message[:80]!r}") from None
+    if not isinstance(event, str):
+        raise Fault("bad_json", f"event is {type(event).__name__}, not a name")
+    return event, data
+
+
+def parse_twilio_start(data: dict[str, Any]) -> TwilioStart:
+    start = data.get("start")
+    if not isinstance(start, dict):
+        raise Fault("bad_start", "start without a start object")
+    fmt_info = start.get("mediaFormat") or {}
+    if not isinstance(fmt_info, dict):
+        raise Fault("bad_start", "mediaFormat is not an object")
+    encoding = {"audio/x-mulaw": "mulaw", "audio/x-alaw": "alaw"}.get(
+        str(fmt_info.get("encoding", "audio/x-mulaw"))
+    )
+    try:
+        if encoding is None:
+            raise AudioFormatError(f"unsupported encoding {str(fmt_info.get('encoding'))[:40]!r}")
+        fmt = AudioFormat(encoding, int(fmt_info.get("sampleRate", 8000)), 1)
+    except (AudioFormatError, ValueError, TypeError, OverflowError) as exc:
+        raise Fault("bad_start", str(exc)[:200]) from None
+    stream_sid = data.get("streamSid") or start.get("streamSid")
+    call_id = start.get("callSid") or stream_sid
+    if not call_id:
+        raise Fault("bad_start", "start carries neither callSid nor streamSid")
+    custom = start.get("customParameters") or {}
+    if not isinstance(custom, dict):
+        raise Fault("bad_start", "customParameters is not an object")
+    custom = dict(custom)
+    token = custom.pop("token", None)  # never stored
+    tracks = start.get("tracks") or ["inbound"]
+    if not isinstance(tracks, list):
+        raise Fault("bad_start", "tracks is not a list")
+    parties = list(dict.fromkeys(TWILIO_PARTIES.get(str(t), str(t)[:32]) for t in tracks[:4]))
+    meta = {
+        "protocol": "twilio",
+        "call_sid": start.get("callSid") if valid_id(start.get("callSid")) else None,
+        "stream_sid": stream_sid if valid_id(stream_sid) else None,
+        "custom": custom,
+    }
+    return TwilioStart(call_id, fmt, parties, token if isinstance(token, str) else None, meta)
+
+
+def parse_twilio_media(data: dict[str, Any], max_bytes: int) -> TwilioMedia:
+    media = data.get("media")
+    if not isinstance(media, dict):
+        raise Fault("bad_payload", "media is not an object")
+    payload_text = media.get("payload")
+    if not isinstance(payload_text, str) or len(payload_text) > max_bytes * 4 // 3 + 4:
+        raise Fault(
+            "oversized" if isinstance(payload_text, str) else "bad_payload",
+            "the payload is missing or larger than the frame limit",
+        )
+    try:
+        payload = base64.b64decode(payload_text, validate=True)
+        chunk = int(media.get("chunk", 0))
+    except (TypeError, ValueError, binascii.Error):
+        raise Fault("bad_payload", "media without a valid base64 payload or chunk") from None
+    if not payload:
+        raise Fault("bad_payload", "an empty payload")
+    if chunk < 0:
+        raise Fault("bad_chunk", f"chunk number {chunk}")
+    party = TWILIO_PARTIES.get(str(media.get("track", "inbound")), "customer")
+    return TwilioMedia(party, chunk, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class ForkStart:
+    call_id: Any
+    fmt: AudioFormat
+    mix: str
+    parties: list[str]
+    meta: dict[str, Any]
+
+
+def parse_fork_metadata(first: str) -> dict[str, Any]:
+    """The first text frame of an audio fork: JSON metadata (may be empty)."""
+    try:
+        meta = json.loads(first) if first.strip() else {}
+    except (ValueError, RecursionError):
+        raise Fault("bad_metadata", "the metadata frame is not JSON") from None
+    if not isinstance(meta, dict):
+        raise Fault("bad_metadata", "metadata must be a JSON object")
+    return meta
+
+
+def parse_fork_start(meta: dict[str, Any], args: dict[str, str]) -> ForkStart:
+    try:
+        rate = int(meta.get("sample_rate") or args.get("rate") or args.get("sample_rate") or 8000)
+        mix = str(meta.get("mix") or args.get("mix") or "mono")
+        if mix not in ("mono", "mixed", "stereo"):
+            raise ValueError(f"mix must be mono, mixed or stereo, got {mix[:20]!r}")
+        fmt = AudioFormat("pcm_s16le", rate, 1)
+    except (ValueError, TypeError, OverflowError, AudioFormatError) as exc:
+        raise Fault("bad_metadata", str(exc)[:200]) from None
+    caller = "agent" if meta.get("caller_party") == "agent" else "customer"
+    callee = "agent" if caller == "customer" else "customer"
+    parties = {"mono": [caller], "mixed": ["mixed"], "stereo": [caller, callee]}[mix]
+    call_id = meta.get("call_id") or meta.get("uuid") or meta.get("callSid") or args.get("call_id")
+    return ForkStart(call_id, fmt, mix, parties, {"protocol": "audiofork", "mix": mix})
+
+
 class Refused(Exception):
     """The stream cannot go on (bad start, a duplicate call, no token); it is closed."""
 
@@ -162,7 +300,7 @@ class CallStream:
         if not valid_id(call_id):
             self.fault("bad_call_id", f"call id {describe_id(call_id)}")
             raise Refused("a call id is 1-128 letters, digits or ._:-")
-        existing = edge.registry.get(call_id)
+        existing = edge.live_call(call_id)
         if existing is not None and not existing.session.ended:
             if existing.session.source != self.protocol:
                 self.fault("duplicate_call", f"call {call_id} is live as {existing.session.source}")
@@ -234,13 +372,23 @@ class TelephonyEdge:
         factory: SessionFactory,
         registry: SessionRegistry,
         metrics: Metrics,
+        runtime: ThreadRuntime,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.runtime = runtime
         self.factory = factory
         self.registry = registry
         self.metrics = metrics
         self.clock = clock
+
+    def live_call(self, call_id: str) -> SessionRunner | None:
+        """The live session of ``call_id``; if another connection is opening it right now,
+        the session once it is open."""
+        deadline = self.clock() + OPENING_WAIT_S
+        while self.registry.opening(call_id) and self.clock() < deadline:
+            self.runtime.sleep(0.01)
+        return self.registry.get(call_id)
 
     def analysed_parties(self, parties: list[str]) -> list[str]:
         wanted = set(self.settings.telephony_tracks)
@@ -275,42 +423,43 @@ class TelephonyEdge:
         reason, ends_call = "connection dropped", False
         try:
             while True:
-                message = call.receive()
-                if isinstance(message, bytes):
-                    call.fault("binary_frame", f"{len(message)} bytes where JSON was expected")
-                    continue
                 try:
-                    data = json.loads(message)
-                    event = data["event"]
-                except (TypeError, ValueError, KeyError):
-                    call.fault("bad_json", f"not a JSON event: {message[:80]!r}")
-                    continue
-                if event == "connected":
-                    call.count("connected")
-                elif event == "start":
-                    call.count("start")
-                    self._twilio_start(call, data, token_pending)
-                elif call.runner is None and token_pending:
-                    call.fault("unauthorized", f"{str(event)[:40]!r} before an authenticated start")
-                    break
-                elif event == "media":
-                    call.count("media")
-                    self._twilio_media(call, data, reorderers)
-                elif event in ("dtmf", "mark"):
-                    call.count(event)
-                elif event == "stop":
-                    call.count("stop")
-                    if call.runner is None:
-                        call.fault("stop_without_media", "stop before any start or media")
-                    reason, ends_call = "call ended", True
-                    break
-                else:
-                    call.fault("unknown_event", f"event {str(event)[:40]!r}")
+                    event, data = parse_twilio_event(call.receive())
+                    if event == "connected":
+                        call.count("connected")
+                    elif event == "start":
+                        call.count("start")
+                        self._twilio_start(call, parse_twilio_start(data), token_pending)
+                    elif call.runner is None and token_pending:
+                        call.fault("unauthorized", f"{event[:40]!r} before an authenticated start")
+                        break
+                    elif event == "media":
+                        call.count("media")
+                        if call.runner is None:
+                            raise Fault("media_before_start", "media arrived before start")
+                        media = parse_twilio_media(data, self.settings.telephony_max_frame_bytes)
+                        self._twilio_media(call, media, reorderers)
+                    elif event in ("dtmf", "mark"):
+                        call.count(event)
+                    elif event == "stop":
+                        call.count("stop")
+                        if call.runner is None:
+                            call.fault("stop_without_media", "stop before any start or media")
+                        reason, ends_call = "call ended", True
+                        break
+                    else:
+                        call.fault("unknown_event", f"event {event[:40]!r}")
+                except Fault as fault:
+                    call.fault(fault.kind, fault.detail)
+                    if fault.kind == "bad_start":
+                        raise Refused(fault.detail) from None
         except Refused as exc:
             _close(ws, 1008, str(exc))
         except ConnectionClosed as exc:
             if call.taken_over:
                 _close(ws, 1000, "another connection took this call over")
+            elif _closed_for_size(ws):
+                call.fault("oversized", "a message beyond the frame limit; connection closed")
             else:
                 call.fault("dropped", f"closed without stop ({exc.reason})")
         finally:
@@ -322,75 +471,26 @@ class TelephonyEdge:
                     extra={"session_id": call.session_id, "filled": filled},
                 )
 
-    def _twilio_start(self, call: CallStream, data: dict, token_pending: bool) -> None:
-        start = data.get("start")
-        if not isinstance(start, dict):
-            call.fault("bad_start", "start without a start object")
-            raise Refused("start without a start object")
-        fmt_info = start.get("mediaFormat") or {}
-        encoding = {"audio/x-mulaw": "mulaw", "audio/x-alaw": "alaw"}.get(
-            str(fmt_info.get("encoding", "audio/x-mulaw"))
-        )
-        try:
-            if encoding is None:
-                raise AudioFormatError(f"unsupported encoding {fmt_info.get('encoding')!r}")
-            fmt = AudioFormat(encoding, int(fmt_info.get("sampleRate", 8000)), 1)
-        except (AudioFormatError, ValueError, TypeError) as exc:
-            call.fault("bad_start", str(exc))
-            raise Refused(str(exc)) from None
-        stream_sid = data.get("streamSid") or start.get("streamSid")
-        call_id = start.get("callSid") or stream_sid
-        if not call_id:
-            call.fault("bad_start", "start carries neither callSid nor streamSid")
-            raise Refused("start carries neither callSid nor streamSid")
-        custom = dict(start.get("customParameters") or {})
-        token = custom.pop("token", None)  # never stored
-        if token_pending and not token_ok(self.settings, token):
+    def _twilio_start(self, call: CallStream, start: TwilioStart, token_pending: bool) -> None:
+        if token_pending and not token_ok(self.settings, start.token):
             call.fault("unauthorized", "start without a valid token parameter")
             raise Refused("a valid token parameter is required")
-        tracks = start.get("tracks") or ["inbound"]
-        parties = [TWILIO_PARTIES.get(str(t), str(t)[:32]) for t in tracks][:4]
-        meta = {
-            "protocol": "twilio",
-            "call_sid": start.get("callSid"),
-            "stream_sid": stream_sid,
-            "custom": self.private(custom),
-        }
-        call.open(str(call_id) if isinstance(call_id, str) else call_id, fmt, parties, meta)
+        meta = {**start.meta, "custom": self.private(start.meta["custom"])}
+        call.open(start.call_id, start.fmt, start.parties, meta)
 
-    def _twilio_media(self, call: CallStream, data: dict, reorderers: dict[str, Reorderer]) -> None:
-        if call.runner is None:
-            call.fault("media_before_start", "media arrived before start")
+    def _twilio_media(
+        self, call: CallStream, media: TwilioMedia, reorderers: dict[str, Reorderer]
+    ) -> None:
+        if media.chunk == 0:  # no chunk numbers: in arrival order
+            call.audio(media.party, media.payload)
             return
-        media = data.get("media")
-        try:
-            if not isinstance(media, dict):
-                raise TypeError("media is not an object")
-            payload = base64.b64decode(media["payload"], validate=True)
-            chunk = int(media.get("chunk", 0))
-        except (KeyError, TypeError, ValueError, binascii.Error):
-            call.fault("bad_payload", "media without a valid base64 payload or chunk")
-            return
-        if not payload:
-            call.fault("bad_payload", "an empty payload")
-            return
-        if len(payload) > self.settings.telephony_max_frame_bytes:
-            call.fault("oversized", f"a {len(payload)}-byte payload")
-            return
-        if chunk < 0:
-            call.fault("bad_chunk", f"chunk number {chunk}")
-            return
-        party = TWILIO_PARTIES.get(str(media.get("track", "inbound")), "customer")
-        if chunk == 0:  # no chunk numbers: in arrival order
-            call.audio(party, payload)
-            return
-        reorder = reorderers.get(party)
+        reorder = reorderers.get(media.party)
         if reorder is None:
-            reorder = reorderers[party] = Reorderer(
+            reorder = reorderers[media.party] = Reorderer(
                 self.settings.twilio_reorder_chunks, call.fault, self.clock
             )
-        for ordered in reorder.push(chunk, payload):
-            call.audio(party, ordered)
+        for ordered in reorder.push(media.chunk, media.payload):
+            call.audio(media.party, ordered)
 
     # --- FreeSWITCH audio fork ---------------------------------------------------------------
 
@@ -400,51 +500,32 @@ class TelephonyEdge:
         try:
             first = call.receive()
             meta: dict[str, Any] = {}
-            if isinstance(first, str):
-                try:
-                    meta = json.loads(first) if first.strip() else {}
-                    if not isinstance(meta, dict):
-                        raise ValueError("metadata must be a JSON object")
-                except ValueError as exc:
-                    call.fault("bad_metadata", str(exc))
-                    meta = {}
-                pending: bytes | str | None = None
-            else:
+            pending: bytes | str | None = None
+            if isinstance(first, bytes):
                 call.fault("bad_metadata", "the first frame was audio, not JSON metadata")
                 pending = first
+            else:
+                try:
+                    meta = parse_fork_metadata(first)
+                except Fault as fault:
+                    call.fault(fault.kind, fault.detail)
             try:
-                rate = int(
-                    meta.get("sample_rate") or args.get("rate") or args.get("sample_rate") or 8000
-                )
-                mix = str(meta.get("mix") or args.get("mix") or "mono")
-                if mix not in ("mono", "mixed", "stereo"):
-                    raise ValueError(f"mix must be mono, mixed or stereo, got {mix[:20]!r}")
-                fmt = AudioFormat("pcm_s16le", rate, 1)
-            except (ValueError, TypeError, AudioFormatError) as exc:
-                call.fault("bad_metadata", str(exc))
-                raise Refused(str(exc)) from None
-            caller = "agent" if meta.get("caller_party") == "agent" else "customer"
-            callee = "agent" if caller == "customer" else "customer"
-            parties = {"mono": [caller], "mixed": ["mixed"], "stereo": [caller, callee]}[mix]
-            call_id = (
-                meta.get("call_id")
-                or meta.get("uuid")
-                or meta.get("callSid")
-                or args.get("call_id")
-                or self.registry.new_id()
-            )
+                fork = parse_fork_start(meta, args)
+            except Fault as fault:
+                call.fault(fault.kind, fault.detail)
+                raise Refused(fault.detail) from None
+            call_id = fork.call_id or self.registry.new_id()
             call.open(
-                call_id,
-                fmt,
-                parties,
-                {"protocol": "audiofork", "mix": mix, "metadata": self.private(meta)},
+                call_id, fork.fmt, fork.parties, {**fork.meta, "metadata": self.private(meta)}
             )
-            self._fork_media(call, parties, 2 if mix == "stereo" else 1, pending)
+            self._fork_media(call, fork.parties, 2 if fork.mix == "stereo" else 1, pending)
         except Refused as exc:
             _close(ws, 1008, str(exc))
         except ConnectionClosed:
             if call.taken_over:
                 _close(ws, 1000, "another connection took this call over")
+            elif _closed_for_size(ws):
+                call.fault("oversized", "a frame beyond the frame limit; connection closed")
             else:
                 reason, ends_call = "call ended", True  # the fork ends by closing the socket
                 call.count("closed")
@@ -477,6 +558,13 @@ class TelephonyEdge:
                 pcm = np.frombuffer(data, dtype="<i2").reshape(-1, 2)
                 for index, party in enumerate(parties):
                     call.audio(party, pcm[:, index].tobytes())
+
+
+def _closed_for_size(ws: Any) -> bool:
+    """simple-websocket closed the connection because a message outgrew max_message_size (it
+    says so only through the length it had counted when it stopped)."""
+    limit = getattr(ws, "max_message_size", None) or 0
+    return bool(limit) and int(getattr(ws, "incoming_message_len", 0)) > limit
 
 
 def _close(ws: Any, code: int, message: str) -> None:

@@ -1,0 +1,124 @@
+"""The hostile tier: attacks and broken clients replayed against the real server while a
+healthy stream runs beside them. The healthy stream must get every result it would get on an
+idle server, and /healthz must keep answering within 100 ms."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.gates import GATE_ENV, Gate
+from tests.harness import ServerProcess
+from tests.protocol.client import Recorder, wait_for
+from tests.speech import silence, speech, to_pcm16
+
+HOSTILE_ARGS = ("--handshake-timeout-s=2", "--call-rejoin-s=3")
+HEALTHZ_LIMIT_MS = 100.0
+
+
+@pytest.fixture(scope="session")
+def hostile(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, Gate]]:
+    work = tmp_path_factory.mktemp("hostile")
+    gate = Gate(work / "gate")
+    proc = ServerProcess(
+        tiny_model_dir,
+        work,
+        *HOSTILE_ARGS,
+        env={"VOXAFFECT_TEST_WRAP_PREDICTOR": "tests.gates:wrap", GATE_ENV: str(gate.dir)},
+    ).start()
+    yield proc, gate
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def healthy_audio() -> bytes:
+    """About 9 s of speech with pauses, sent in real time by the healthy stream."""
+    return to_pcm16(
+        np.concatenate([silence(0.3), speech(), silence(0.5), speech(pitch=60)[:32000]])
+    )
+
+
+def stream_once(url: str, pcm: bytes, speed: float) -> tuple[list[dict], dict, list[dict]]:
+    client = Recorder(url)
+    sid = client.start()["session_id"]
+    client.stream(sid, pcm, speed=speed)
+    summary = client.end(sid)
+    client.close()
+    return client.of("emotion_result"), summary, client.errors()
+
+
+@pytest.fixture(scope="session")
+def reference(hostile, healthy_audio) -> list[tuple[float, float]]:
+    """The windows an idle server analyses for the healthy audio."""
+    results, _, _ = stream_once(hostile[0].url, healthy_audio, speed=4.0)
+    return [(r["start_s"], r["end_s"]) for r in results]
+
+
+class Healthy:
+    """A healthy client streaming in real time, and a /healthz poller, while a test attacks."""
+
+    def __init__(self, server: ServerProcess, pcm: bytes, reference: list) -> None:
+        self.server = server
+        self.pcm = pcm
+        self.reference = reference
+        self.healthz_ms: list[float] = []
+        self.outcome: tuple[list[dict], dict, list[dict]] | None = None
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._stream, name="healthy-stream"),
+            threading.Thread(target=self._poll, name="healthz-poller"),
+        ]
+
+    def _stream(self) -> None:
+        self.outcome = stream_once(self.server.url, self.pcm, speed=2.0)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            with urllib.request.urlopen(self.server.url + "/healthz", timeout=10) as resp:
+                resp.read()
+            self.healthz_ms.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.05)
+
+    def __enter__(self) -> Healthy:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._threads[0].join(120)
+        self._stop.set()
+        self._threads[1].join(30)
+        if exc[0] is not None:
+            return
+        assert self.outcome is not None, "the healthy stream did not finish"
+        results, summary, errors = self.outcome
+        assert errors == []
+        assert [(r["start_s"], r["end_s"]) for r in results] == self.reference
+        assert summary["superseded"] == 0 and summary["failed"] == 0
+        worst = max(self.healthz_ms)
+        assert worst < HEALTHZ_LIMIT_MS, f"/healthz took {worst:.0f} ms"
+
+
+@pytest.fixture
+def healthy(hostile, healthy_audio, reference) -> Healthy:
+    hostile[1].reset()
+    return Healthy(hostile[0], healthy_audio, reference)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+__all__ = ["Healthy", "rss_mb", "stream_once", "wait_for"]
