@@ -66,6 +66,7 @@ class StreamClient:
         self.sio.on("error", self._error)
         self.sio.on("session_summary", self._summary)
         self.sio.on("connect", self._connected)
+        self.sio.on("disconnect", self._disconnected)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -138,6 +139,10 @@ class StreamClient:
                 return  # disconnected: the chunk stays queued for after the resume
             with self._lock:
                 self._unsent.popleft()
+
+    def _disconnected(self, *_: Any) -> None:
+        if self.resume_token is not None:
+            self._resumed.clear()  # sending and ending wait until the session is resumed
 
     def _connected(self) -> None:
         if self.resume_token is None:
