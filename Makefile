@@ -36,7 +36,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: system setup lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=10 $(PYTEST_ARGS)
 
 bench: setup  ## not part of CI: full-size random checkpoint, then the engine benchmark
 	test -d models/large || $(BIN)/voxaffect random-model models/large --size large

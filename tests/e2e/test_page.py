@@ -170,8 +170,7 @@ def test_a_dropped_connection_resumes_without_losing_the_timeline(
 def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, tmp_path):
     import threading
 
-    from tests.harness import ServerProcess
-    from tests.protocol.test_telephony import (
+    from tests.calls import (
         at_8k,
         mulaw,
         party_audio,
@@ -179,6 +178,7 @@ def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, t
         twilio_messages,
         ws_url,
     )
+    from tests.harness import ServerProcess
 
     server = ServerProcess(
         tiny_model_dir,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -104,7 +103,11 @@ def prometheus(
         wait_for(
             lambda: _series(url, "voxaffect_end_to_end_seconds_count") > 0, 30, "scraped results"
         )
-        time.sleep(3)  # a few more scrapes after the load, so rates span it
+        wait_for(  # scrapes on both sides of the load, so the panels' rates span it
+            lambda: _series(url, "rate(voxaffect_audio_received_seconds_total[20s]) > 0") > 0,
+            30,
+            "a rate over the load",
+        )
         yield url, server
     finally:
         prom.terminate()
@@ -135,7 +138,7 @@ def _load(server: ServerProcess) -> None:
     """Two streams, a telephony call and a bad message: every panel has something to show."""
     pcm = to_pcm16(np.concatenate([silence(0.5), speech(), silence(0.5)]))
     clients, sids, threads = start_streams(server.url, pcm, 2)
-    from tests.protocol.test_telephony import at_8k, mulaw, replay, twilio_messages, ws_url
+    from tests.calls import at_8k, mulaw, replay, twilio_messages, ws_url
 
     replay(
         ws_url(server, "/telephony/twilio"),
