@@ -12,92 +12,16 @@ from engine.audio import AudioFormat
 from engine.batcher import InferenceBatcher
 from engine.model import Prediction
 from engine.pipeline import PipelineConfig, StreamPipeline
-from engine.prosody import Prosody
-from server.analysis import Analysis, AnalysisError, ProsodyUnavailable, WindowAnalyser
+from server.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
 from server.events import Ended, Error, Result, Skipped, VadChange
 from server.runner import FILE, LIVE, InboxFull, SessionClosed, SessionRunner, Track
 from server.runtime import ThreadRuntime
 from server.sessions import Session
 from tests import LABELS
+from tests.fakes import WAIT_S, FakeAnalyse, HeldFeed, Recorder, calm_prosody
 from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.unit
-WAIT_S = 30
-
-
-def calm_prosody() -> Prosody:
-    return Prosody(0.0, 3.0, -20.0, 4.0, -6.0, 1.0, 10.0, 0.6)
-
-
-class FakeAnalyse:
-    """Answers each window with fixed probabilities. ``held``: each call waits for a permit."""
-
-    def __init__(self, held: bool = False) -> None:
-        self.cond = threading.Condition()
-        self.calls: list[str] = []
-        self.permits = threading.Semaphore(0) if held else None
-        self.fail: set[int] = set()  # call indexes that fail
-        self.prosody_missing: str | None = None
-
-    def __call__(self, samples, *, narrowband, embeddings, priority) -> Analysis:
-        with self.cond:
-            index = len(self.calls)
-            self.calls.append(priority)
-            self.cond.notify_all()
-        if self.permits is not None:
-            assert self.permits.acquire(timeout=WAIT_S), "the test never released a window"
-        if index in self.fail:
-            raise AnalysisError("INFERENCE_FAILED", f"call {index} failed")
-        probs = np.full(len(LABELS), 1 / len(LABELS), dtype=np.float32)
-        probs[4] += 0.05  # neutral on top
-        prosody = calm_prosody() if self.prosody_missing is None else Prosody.unmeasured()
-        return Analysis(probs / probs.sum(), None, "cpu", None, prosody, self.prosody_missing)
-
-    def started(self, n: int) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.calls) >= n, WAIT_S), self.calls
-
-    def release(self, n: int = 1) -> None:
-        assert self.permits is not None
-        for _ in range(n):
-            self.permits.release()
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[object] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, event: object) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify_all()
-
-    def of(self, kind: type) -> list:
-        with self.cond:
-            return [e for e in self.events if isinstance(e, kind)]
-
-    def wait(self, kind: type, count: int) -> None:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.of(kind)) >= count, WAIT_S), self.events
-
-    def ended(self) -> Ended:
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.of(Ended), WAIT_S)
-        return self.of(Ended)[0]
-
-
-class HeldFeed(ThreadRuntime):
-    """Decoding (the runner's offloaded feed) waits until the test releases it."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def offload(self, fn, *args, **kwargs):
-        self.entered.set()
-        assert self.release.wait(WAIT_S)
-        return fn(*args, **kwargs)
 
 
 def runner_for(

@@ -1,0 +1,167 @@
+"""Calls at the telephony edge, without sockets: scripted media-server WebSockets, the real
+session factory and store, a scripted window analysis and an injected clock."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from simple_websocket import ConnectionClosed
+
+from server.events import Result
+from server.factory import SessionFactory
+from server.metrics import Metrics
+from server.runtime import ThreadRuntime
+from server.sessions import SessionRegistry
+from server.settings import Settings
+from server.store import Store
+from server.telephony import TelephonyEdge
+from tests import LABELS
+from tests.calls import at_8k, mulaw, twilio_messages
+from tests.fakes import WAIT_S, FakeAnalyse, Recorder
+from tests.speech import speech
+
+pytestmark = pytest.mark.unit
+
+
+class ScriptedSocket:
+    """A media server's WebSocket: the test feeds it frames; ``drop`` closes it without a word."""
+
+    def __init__(self) -> None:
+        self.frames: queue.Queue[str | bytes | None] = queue.Queue()
+        self.closed_with: tuple[int, str] | None = None
+        self.done = threading.Event()
+
+    def send(self, *frames: str | bytes) -> None:
+        for f in frames:
+            self.frames.put(f)
+
+    def drop(self) -> None:
+        self.frames.put(None)
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        try:
+            frame = self.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if frame is None:
+            raise ConnectionClosed(1006, "dropped")
+        return frame
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        self.closed_with = (reason or 1000, message or "")
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.now = [1000.0]
+        clock = lambda: self.now[0]  # noqa: E731
+        self.settings = Settings(db=str(tmp / "calls.db"), call_rejoin_s=10.0)
+        runtime = ThreadRuntime()
+        self.registry = SessionRegistry(10, clock=clock)
+        store = Store(self.settings.db, runtime=runtime)
+        store.start()
+        self.events = Recorder()
+        self.analyse = FakeAnalyse()
+        self.metrics = Metrics(LABELS, CollectorRegistry())
+        factory = SessionFactory(
+            self.settings,
+            registry=self.registry,
+            store=store,
+            analyser=self.analyse,  # type: ignore[arg-type]
+            publish=self.events,
+            runtime=runtime,
+            model_info={"labels": list(LABELS), "random_weights": True},
+            clock=clock,
+        )
+        self.edge = TelephonyEdge(
+            self.settings,
+            factory=factory,
+            registry=self.registry,
+            metrics=self.metrics,
+            runtime=runtime,
+            clock=clock,
+        )
+
+    def connect(self) -> ScriptedSocket:
+        ws = ScriptedSocket()
+
+        def run() -> None:
+            self.edge.twilio(ws, token_pending=False)
+            ws.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        return ws
+
+    def count(self, kind: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "voxaffect_telephony_events_total", {"protocol": "twilio", "kind": kind}
+        )
+        return value or 0.0
+
+    def wait_live(self, call_id: str):
+        runner = None
+        for _ in range(WAIT_S * 100):
+            runner = self.registry.get(call_id)
+            if runner is not None:
+                return runner
+            threading.Event().wait(0.01)
+        raise AssertionError(f"call {call_id} never opened")
+
+
+def call_audio(seconds: float) -> list[str]:
+    """A Twilio conversation of ``seconds`` of caller speech: connected, start, media..., stop."""
+    return twilio_messages("CAcall", {"inbound": mulaw(at_8k(speech()[: int(seconds * 16000)]))})
+
+
+def test_a_new_connection_takes_the_call_over_and_the_old_ones_close_ends_nothing(tmp_path):
+    world = World(tmp_path)
+    first_msgs, second_msgs = call_audio(2.0), call_audio(3.0)
+    first = world.connect()
+    first.send(*first_msgs[:-2])  # start and 2 s of media; the connection then hangs
+    runner = world.wait_live("CAcall")
+    second = world.connect()
+    second.send(*second_msgs[1:])  # start (same callSid), 3 s of media, dtmf, stop
+    assert first.done.wait(WAIT_S) and second.done.wait(WAIT_S)
+    assert first.closed_with == (1000, "another connection took this call over")
+    ended = world.events.ended()
+    assert ended.reason == "call ended" and world.count("takeover") == 1
+    assert runner.session.connection is None
+    track = ended.summary["tracks"]["customer"]
+    assert track["duration_s"] == pytest.approx(5.0, abs=0.1)  # both connections' audio, once
+    assert world.events.of(Result)
+
+
+def test_a_dropped_call_waits_to_be_rejoined_then_ends_after_the_rejoin_time(tmp_path):
+    world = World(tmp_path)
+    msgs = call_audio(2.0)
+    first = world.connect()
+    first.send(*msgs[:-2])
+    runner = world.wait_live("CAcall")
+    first.drop()
+    assert first.done.wait(WAIT_S)
+    assert world.count("dropped") == 1 and not runner.session.ended
+    assert runner.session.disconnected_at == 1000.0
+    world.now[0] += 5.0  # within call_rejoin_s: the media server reconnects
+    second = world.connect()
+    second.send(msgs[1], *msgs[2:12])
+    for _ in range(WAIT_S * 100):
+        if runner.session.connection is not None:
+            break
+        threading.Event().wait(0.01)
+    assert runner.session.disconnected_at is None
+    second.drop()
+    assert second.done.wait(WAIT_S)
+    world.now[0] += 9.0
+    assert world.registry.expired(resume_ttl_s=60, idle_timeout_s=300, call_rejoin_s=10) == []
+    world.now[0] += 2.0
+    expired = world.registry.expired(resume_ttl_s=60, idle_timeout_s=300, call_rejoin_s=10)
+    assert expired == [(runner, "connection dropped")]
+    runner.end("connection dropped")
+    assert world.events.ended().reason == "connection dropped"
+    assert world.count("takeover") == 1 and world.count("dropped") == 2
+    assert json.loads(json.dumps(world.events.ended().summary))["results"] >= 1
