@@ -86,10 +86,12 @@ def one_session(url: str, pcm: bytes, rng: random.Random, tally: Tally, kind: st
     cut = len(audio) // 2 // step * step
     for i, at in enumerate(range(0, len(audio), step)):
         if kind != "ended" and at == cut:
+            if kind == "abandoned":
+                client.sio.reconnection = False  # gone for good: the session must expire
             # The connection drops mid-stream: its socket dies under the client's feet.
             client.sio.eio.ws.sock.shutdown(socket.SHUT_RDWR)
             if kind == "abandoned":
-                tally.add(kind, len(client.results), 0)  # never resumed: left to expire
+                tally.add(kind, len(client.results), 0)
                 return
             time.sleep(rng.uniform(0.2, 1.5))  # the client reconnects and resumes by itself
         client.send(audio[at : at + step])
@@ -177,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.start()
         time.sleep(0.05)
-    time.sleep(args.minutes * 30)
-    samples["middle"] = process_stats(proc.pid)
+    timeline = []
+    for minute in range(1, int(args.minutes) + 1):
+        time.sleep(max(0.0, until - args.minutes * 60 + minute * 60 - time.monotonic()))
+        timeline.append(process_stats(proc.pid)["rss_mb"])
+        if minute == max(1, int(args.minutes) // 2):
+            samples["middle"] = process_stats(proc.pid)
+    samples.setdefault("middle", process_stats(proc.pid))
     for t in threads:
         t.join()
     time.sleep(8)  # abandoned sessions expire (resume_ttl_s 5)
@@ -197,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed_sessions": len(tally.failures),
         "failures": tally.failures[:5],
         "sessions_left_open": live,
+        "rss_mb_each_minute": timeline,
         **{f"{k}_{m}": v for k, s in samples.items() for m, v in s.items()},
     }
     if args.json:
