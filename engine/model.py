@@ -147,8 +147,10 @@ class EmotionModel:
         dtype: str,
         source: str,
         random_weights: bool,
+        checkpoint: Path | None = None,
     ) -> None:
         self.module: Any = module
+        self.checkpoint = checkpoint  # the directory it was loaded from
         self.device = device
         self.dtype = dtype
         self.source = source
@@ -201,6 +203,7 @@ class EmotionModel:
             dtype=check_dtype(dtype, device),
             source=self.source,
             random_weights=self.random_weights,
+            checkpoint=self.checkpoint,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -310,6 +313,7 @@ def load_model(
         dtype=dtype,
         source=str(source),
         random_weights=is_random_checkpoint(directory),
+        checkpoint=directory,
     )
     log.info(
         "model loaded",

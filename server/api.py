@@ -83,6 +83,7 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
     @bp.get("/metrics")
     def metrics() -> Response:
         service.metrics.sample_gpu()
+        service.metrics.sample_load()
         return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     @bp.get("/api/info")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from collections import deque
 from typing import Any
 
 from prometheus_client import (
@@ -111,6 +113,17 @@ class Metrics:
             ["subscriber"],
             registry=r,
         )
+        self.capacity = Gauge(
+            p + "capacity_windows_per_second",
+            "Windows a second the model can analyse here (measured at start)",
+            registry=r,
+        )
+        self.model_utilization = Gauge(
+            p + "model_utilization_ratio",
+            "Share of the last 10 s the model was busy: 1 - headroom",
+            registry=r,
+        )
+        self._busy: deque[tuple[float, float]] = deque()  # (batch end, seconds), last 10 s
         self.ready = Gauge(p + "ready", "1 when the model is loaded and serving", registry=r)
         self.model_info = Info(p + "model", "The loaded model", registry=r)
         self.gpu_utilization: Gauge | None = None
@@ -171,6 +184,7 @@ class Metrics:
     # --- engine.batcher.BatchObserver ---------------------------------------------------------
 
     def batch_done(self, device: str, size: int, seconds: float, outcome: str) -> None:
+        self._busy.append((time.monotonic(), seconds))
         kind = "cuda" if device.startswith("cuda") else "cpu"
         if outcome != "error":
             self.inference_seconds.labels(kind).observe(seconds)
@@ -182,6 +196,14 @@ class Metrics:
 
     def queue_changed(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def sample_load(self, window_s: float = 10.0) -> None:
+        """The model's busy share over the last ``window_s`` (read at each scrape)."""
+        now = time.monotonic()
+        while self._busy and self._busy[0][0] < now - window_s:
+            self._busy.popleft()
+        busy = sum(min(seconds, end - (now - window_s)) for end, seconds in self._busy)
+        self.model_utilization.set(round(min(1.0, busy / window_s), 4))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,20 +8,24 @@ memory. The network edge (server/app.py) is built on top of a Service.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.batcher import InferenceBatcher
 from engine.fallback import CircuitBreaker, FallbackPredictor
 from engine.lanes import Lanes, Predictor
 from engine.model import EmotionModel, load_model
 from engine.prosody import Prosody
+from engine.tuning import Choice, ChoiceCache, fingerprint, machine_key, tune
 from server import wire
 from server.analysis import WindowAnalyser
 from server.metrics import Metrics
@@ -42,6 +46,7 @@ class Service:
         settings: Settings,
         runtime: ThreadRuntime,
         model: EmotionModel,
+        choice: Choice,
         *,
         fallback: EmotionModel | None = None,
         wrap_predictor: WrapPredictor | None = None,
@@ -50,19 +55,24 @@ class Service:
         self.settings = settings
         self.runtime = runtime
         self.clock = clock
-        self.model_info: dict[str, Any] = model.describe()
+        self.choice = choice
+        self.model_info: dict[str, Any] = {
+            **model.describe(),
+            "max_batch": choice.max_batch,
+            "lanes": choice.lanes,
+            "tuning": choice.describe(),
+        }
         self.metrics = Metrics(tuple(self.model_info["labels"]))
         self.metrics.describe_model(self.model_info)
+        self.metrics.capacity.set(choice.windows_per_s)
         cores = settings.cpu_threads or os.cpu_count() or 1
         predictor: Predictor = Lanes(
-            model, lanes=settings.cpu_lanes, cpu_threads=cores, offload=runtime.offload
+            model, lanes=choice.lanes, cpu_threads=cores, offload=runtime.offload
         )
         if fallback is not None:
             predictor = FallbackPredictor(
                 predictor,
-                Lanes(
-                    fallback, lanes=settings.cpu_lanes, cpu_threads=cores, offload=runtime.offload
-                ),
+                Lanes(fallback, lanes=min(2, cores), cpu_threads=cores, offload=runtime.offload),
                 deadline_s=settings.deadline_s,
                 breaker=CircuitBreaker(clock=clock),
                 on_fallback=self.metrics.fallback,
@@ -71,9 +81,9 @@ class Service:
             predictor = wrap_predictor(predictor)
         self.batcher = InferenceBatcher(
             predictor,
-            max_batch=settings.max_batch,
+            max_batch=choice.max_batch,
             max_wait_ms=settings.max_wait_ms,
-            bulk_max_batch=max(1, settings.cpu_lanes),
+            bulk_max_batch=max(1, choice.lanes),
             observer=self.metrics,
         )
         self.prosody: ProsodyPool | InProcessProsody = (
@@ -110,28 +120,28 @@ class Service:
         wrap_predictor: WrapPredictor | None = None,
     ) -> Service:
         started = time.perf_counter()
-        threads = settings.cpu_threads or None
+        threads = settings.cpu_threads or os.cpu_count() or 1
         model = load_model(
             settings.model,
             device=settings.device,
-            dtype="fp32",
             hub=settings.hub,
             threads=threads,
             trusted=settings.trust_checkpoint,
         )
-        serving, fallback = model, None
-        if model.device.startswith("cuda"):
-            dtype = "fp16" if settings.dtype == "auto" else settings.dtype
-            serving = model.converted(dtype)
-            if settings.cpu_fallback:
-                fallback = model.converted("fp32", device="cpu")
-        elif settings.dtype not in ("auto", "fp32"):
-            serving = model.converted(settings.dtype)
+        choice = choose(settings, model, threads)
+        serving = model if choice.dtype == "fp32" else model.converted(choice.dtype)
+        fallback = None
+        if model.device.startswith("cuda") and settings.cpu_fallback:
+            fallback = model.converted("fp32", device="cpu")
         serving.predict(np.zeros((1, 32000), np.float32))  # one-off kernel setup: not a client's
         log.info(
             "model ready",
             extra={
                 **serving.describe(),
+                "max_batch": choice.max_batch,
+                "lanes": choice.lanes,
+                "windows_per_s": round(choice.windows_per_s, 2),
+                "tuned": "cache" if choice.from_cache else f"{choice.measured_s:.1f} s",
                 "fallback": bool(fallback),
                 "load_s": round(time.perf_counter() - started, 1),
             },
@@ -140,7 +150,9 @@ class Service:
             log.warning(
                 "RANDOM-WEIGHT model: results are noise, not emotions (made by random-model)"
             )
-        return cls(settings, runtime, serving, fallback=fallback, wrap_predictor=wrap_predictor)
+        return cls(
+            settings, runtime, serving, choice, fallback=fallback, wrap_predictor=wrap_predictor
+        )
 
     def measure(self, samples: np.ndarray, narrowband: bool) -> Prosody:
         return self.prosody.measure(samples, narrowband)
@@ -174,3 +186,50 @@ class Service:
         self.batcher.close()
         self.store.close()
         self.prosody.close()
+
+
+def choose(settings: Settings, model: EmotionModel, threads: int) -> Choice:
+    """dtype, max batch and CPU lanes: as set, or measured on this device (engine/tuning.py)
+    and cached per machine, torch version and checkpoint."""
+    dtype = None if settings.dtype == "auto" else settings.dtype
+    max_batch = None if settings.max_batch == "auto" else int(settings.max_batch)
+    lanes = None if settings.cpu_lanes == "auto" else int(settings.cpu_lanes)
+    if model.device.startswith("cuda"):
+        lanes = 1
+    if dtype is not None and max_batch is not None and lanes is not None:
+        return Choice(dtype, max_batch, lanes, 0.0, 0.0, 0.0)  # as set: nothing to measure
+    fixed = {"dtype": dtype, "max_batch": max_batch, "lanes": lanes}
+    key = json.dumps(
+        {
+            "machine": machine_key(model.device, threads),
+            "torch": torch.__version__,
+            "checkpoint": fingerprint(model.checkpoint) if model.checkpoint else model.source,
+            "fixed": fixed,
+        },
+        sort_keys=True,
+    )
+    cache = ChoiceCache(Path(settings.tuning_cache).expanduser())
+    if not settings.retune:
+        cached = cache.get(key)
+        if cached is not None:
+            log.info("tuning from the cache", extra=cached.describe())
+            return cached
+    log.info("measuring dtype, batch size and lanes on this device (cached afterwards)")
+
+    def convert(dtype: str) -> EmotionModel:
+        return model if dtype == "fp32" else model.converted(dtype)
+
+    choice = tune(
+        convert,
+        device=model.device,
+        dtypes=(dtype,) if dtype else None,
+        batches=(max_batch,) if max_batch else (1, 2, 4, 8),
+        lanes=(lanes,) if lanes else (1, 2),
+        cpu_threads=threads,
+        batch_budget_s=min(settings.deadline_s, 0.75),
+    )
+    log.info("tuned", extra={**choice.describe(), "candidates": len(choice.candidates)})
+    for row in choice.candidates:
+        log.debug("tuning candidate", extra=row)
+    cache.put(key, choice)
+    return choice

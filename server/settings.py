@@ -51,15 +51,26 @@ class Settings:
     hub: str = field(default="auto", metadata={"help": "auto, ms (ModelScope) or hf"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     dtype: str = field(
-        default="auto", metadata={"help": "auto, fp32, fp16, bf16 or int8 (CPU only)"}
+        default="auto",
+        metadata={
+            "help": "auto (the fastest within 0.01 of fp32, measured), fp32, fp16, bf16, int8"
+        },
+    )
+    retune: bool = field(
+        default=False, metadata={"help": "measure dtype, batch and lanes again (not the cache)"}
+    )
+    tuning_cache: str = field(
+        default="~/.cache/voxaffect/tuning.json",
+        metadata={"help": "where measured choices are kept, per machine, torch and checkpoint"},
     )
     trust_checkpoint: bool = field(
         default=False,
         metadata={"help": "let torch unpickle a model.pt that holds more than tensors"},
     )
     cpu_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
-    cpu_lanes: int = field(
-        default=2, metadata={"help": "concurrent CPU predict lanes per batch (see BENCHMARKS.md)"}
+    cpu_lanes: str = field(
+        default="auto",
+        metadata={"help": "concurrent CPU predict lanes per batch; auto = measured at start"},
     )
     cpu_fallback: bool = field(
         default=True, metadata={"help": "keep a CPU copy of the model for GPU timeouts and OOM"}
@@ -67,7 +78,9 @@ class Settings:
     deadline_s: float = field(
         default=1.0, metadata={"help": "seconds the GPU gets per batch before the CPU takes over"}
     )
-    max_batch: int = field(default=8, metadata={"help": "windows per forward pass at most"})
+    max_batch: str = field(
+        default="auto", metadata={"help": "windows per forward pass at most; auto = measured"}
+    )
     max_wait_ms: float = field(default=10.0, metadata={"help": "how long a batch waits to fill"})
     inference_timeout_s: float = field(
         default=30.0, metadata={"help": "a window not answered in this long is INFERENCE_TIMEOUT"}
@@ -159,8 +172,14 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
-        if self.max_batch < 1 or self.cpu_lanes < 1 or self.max_sessions < 1:
-            raise ValueError("max_batch, cpu_lanes and max_sessions must be at least 1")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        for name in ("max_batch", "cpu_lanes"):
+            value = getattr(self, name)
+            if value != "auto" and not (value.isdigit() and int(value) >= 1):
+                raise ValueError(f"{name} must be auto or a whole number >= 1, got {value!r}")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16", "int8"):
+            raise ValueError(f"dtype must be auto, fp32, fp16, bf16 or int8, got {self.dtype!r}")
         for name in (
             "deadline_s",
             "max_realtime_factor",

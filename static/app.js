@@ -64,7 +64,9 @@ async function loadInfo() {
     return;
   }
   const m = state.info.model;
-  $("model").textContent = `${m.random_weights ? "random-weight model" : m.source.split("/").pop()} · ${m.device} ${m.dtype}`;
+  const tuned = m.tuning && m.tuning.windows_per_s ? ` · ${fmt(m.tuning.windows_per_s, 1)} windows/s measured` : "";
+  $("model").textContent = `${m.random_weights ? "random-weight model" : m.source.split("/").pop()} · ${m.device} ${m.dtype} · batch ${m.max_batch}${tuned}`;
+  $("model").title = "dtype, batch size and CPU lanes are measured on this machine at start (cached)";
   $("random-warning").hidden = !m.random_weights;
   $("random-note").hidden = !m.random_weights;
   if (state.info.auth_required) $("token-box").hidden = false;
@@ -133,7 +135,8 @@ function show(r) {
   $("confidence").textContent = `${(r.confidence * 100).toFixed(0)}% confidence`;
   renderDistribution($("distribution"), r);
   $("window-info").textContent = `${fmt(r.start_s)}–${fmt(r.end_s)} s · ${(r.speech_ratio * 100).toFixed(0)}% speech · ${r.device}` +
-    (r.latency_ms != null ? ` · ${r.latency_ms.toFixed(0)} ms` : "") + (r.narrowband ? " · narrowband" : "");
+    (r.latency_ms != null ? ` · ${r.latency_ms.toFixed(0)} ms` : "") + (r.narrowband ? " · narrowband" : "") +
+    Views.thinned(r, state.info && state.info.config.hop_s);
   $("stress-value").textContent = fmt(r.stress.index, 0);
   $("stress-level").textContent = r.stress.level;
   $("stress-level").dataset.level = r.stress.level;

@@ -178,6 +178,12 @@ function renderDistribution(container, result) {
 }
 
 // Median pitch travels as semitones re 100 Hz (what the z-score uses); people read hertz.
+// A result whose hop is well over the configured one: the server analysed fewer windows (busy).
+function thinned(result, hopS) {
+  return result.hop_s != null && hopS && result.hop_s > 1.5 * hopS
+    ? ` · thinned: ${fmt(result.hop_s, 1)} s since the previous result (server busy)` : "";
+}
+
 function measure(value, unit, withUnit = true) {
   const [text, shown] = unit === "semitones re 100 Hz" ? [fmt(100 * 2 ** (value / 12), 0), "Hz"] : [fmt(value, 2), unit];
   return withUnit ? `${text} ${shown}` : text;
@@ -188,9 +194,11 @@ function renderComponents(container, stress) {
   const entries = Object.entries(stress.components).sort((a, b) => Math.abs(b[1].points || 0) - Math.abs(a[1].points || 0));
   const rows = entries.map(([name, c]) => {
     const points = c.points || 0;
-    const detail = "z" in c
-      ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
-      : `${fmt(c.value * 100, 0)}% of the emotion distribution`;
+    const detail = c.available === false
+      ? `not measured for this window (${c.reason}); stress rests on the emotions, with lower confidence`
+      : "z" in c
+        ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
+        : `${fmt(c.value * 100, 0)}% of the emotion distribution`;
     const width = Math.min(100, Math.abs(points) * 2);
     return el("div", { class: "comp-row", "data-component": name },
       el("span", { class: "comp-name" }, COMPONENT_NAMES[name] || name),
@@ -224,5 +232,5 @@ function download(name, content, type) {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
-window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, timelineCsv, download, el, fmt };
+window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, timelineCsv, download, el, fmt, thinned };
 })();

@@ -61,7 +61,8 @@ function showResult(r) {
   $("stress-level").dataset.level = r.stress.level;
   $("stress-conf").textContent = `confidence ${(r.stress.confidence * 100).toFixed(0)}%`;
   renderComponents($("components"), r.stress);
-  $("detail-info").textContent = `${fmt(r.end_s)} s · window ${r.seq}${r.track ? " · " + r.track : ""}`;
+  $("detail-info").textContent = `${fmt(r.end_s)} s · window ${r.seq}${r.track ? " · " + r.track : ""}` +
+    Views.thinned(r, hopS);
 }
 
 // A call analysed per party has one timeline per track: the charts show one party at a time.
@@ -145,9 +146,11 @@ $("token").addEventListener("change", e => {
   connect();
 });
 
+let hopS = null;              // the configured hop: results further apart were thinned
 fetch("/api/info").then(r => r.json()).then(info => {
   const m = info.model;
-  $("model").textContent = `${m.random_weights ? "random-weight model" : m.source.split("/").pop()} · ${m.device}`;
+  hopS = info.config.hop_s;
+  $("model").textContent = `${m.random_weights ? "random-weight model" : m.source.split("/").pop()} · ${m.device} ${m.dtype}`;
   $("random-warning").hidden = !m.random_weights;
   connect();
 }).catch(() => { setConnection("unreachable", "error"); say("Cannot reach the voxaffect server."); });

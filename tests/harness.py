@@ -49,7 +49,12 @@ class ServerProcess:
             "fp32",
             *args,
         ]
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "VOXAFFECT_TUNING_CACHE": str(workdir / "tuning.json"),  # never the user's own
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 120.0) -> ServerProcess:
