@@ -222,7 +222,11 @@ def tune(
                 if slowest > batch_budget_s and batch > min(batches):
                     row["rejected"] = f"batch takes {slowest:.2f} s > {batch_budget_s} s"
                     break  # larger batches take longer still
-                if best is None or seconds * 1000 < best.ms_per_window:
+                # A larger batch or more lanes must be clearly faster (5 %) to be worth the
+                # latency of waiting for, and computing, more windows at once.
+                if best is None or seconds * 1000 < best.ms_per_window * (
+                    0.95 if (batch, n) > (best.max_batch, best.lanes) else 1.0
+                ):
                     best = Choice(dtype, batch, n, seconds * 1000, 1.0 / seconds, drift)
     assert best is not None  # the smallest batch is never rejected
     best.candidates = candidates
