@@ -168,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(write_random_checkpoint(work / "tiny", "tiny"))
     proc, url = start_server(model, work, ["--resume-ttl-s", "5", *args.server_arg])
+    try:
+        return _soak(args, proc, url)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _soak(args: argparse.Namespace, proc: subprocess.Popen[bytes], url: str) -> int:
     pcm = speech_pcm()
     tally = Tally()
     samples: dict[str, Any] = {"start": process_stats(proc.pid)}
@@ -192,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     samples["end"] = process_stats(proc.pid)
     with urllib.request.urlopen(url + "/readyz", timeout=10) as resp:
         live = json.loads(resp.read())["sessions"]
-    proc.terminate()
-    proc.wait(30)
     report = {
         "streams": args.streams,
         "minutes": args.minutes,
