@@ -99,6 +99,9 @@ def prometheus(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _get(url, "/-/ready") == 200, 60, "Prometheus ready")
+        # a scrape before the load: on a fast machine the whole load fits between two scrapes,
+        # and a counter first seen at its final value never has a rate
+        wait_for(lambda: _series(url, "voxaffect_ready == 1") > 0, 30, "a scrape before the load")
         _load(server)
         wait_for(
             lambda: _series(url, "voxaffect_end_to_end_seconds_count") > 0, 30, "scraped results"
