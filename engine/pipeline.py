@@ -35,8 +35,8 @@ class PipelineConfig:
     vad_aggressiveness: int = 2
     vad_frame_ms: int = 30
     buffer_s: float = 10.0
-    baseline_windows: int = 5
-    stress_smoothing: float = 0.5
+    baseline_windows: int = 3
+    stress_smoothing: float = 0.7  # weight of the newest window in the smoothed index
 
     def __post_init__(self) -> None:
         if not 0.25 <= self.window_s <= 30.0:
@@ -185,7 +185,7 @@ class StreamPipeline:
             window_s=config.window_s, hop_s=config.hop_s, min_speech_ratio=config.min_speech_ratio
         )
         self.scorer = StressScorer(
-            baseline_windows=config.baseline_windows,
+            warmup=config.baseline_windows,
             smoothing=config.stress_smoothing,
             narrowband=self.narrowband,
         )

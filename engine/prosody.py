@@ -1,125 +1,116 @@
-"""Prosody of one analysis window: the acoustic measures the stress index is built from.
+"""Prosody of one analysis window: the field's standard acoustic parameters for arousal.
 
-Pitch, intensity, jitter and shimmer come from Praat (praat-parselmouth); the spectrum from numpy.
-Measures that a window cannot support (too little voicing, say) are NaN, and the stress scorer
-leaves them out. Units are in the names.
+The measures are eGeMAPS v02 functionals (Eyben et al. 2016, the paralinguistics community's
+minimal parameter set), computed by openSMILE through the ``opensmile`` package: F0 in semitones
+(mean and range), loudness (its level in phon, and its range relative to its mean), alpha ratio,
+Hammarberg index and spectral slopes over voiced frames, HNR, jitter, shimmer, and the rate of
+loudness peaks and voiced segments.
+A window without enough voicing has no prosody (every measure NaN) and the stress scorer leaves
+it out. Units are in the names and in ``MEASURES``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
-import parselmouth
-from parselmouth.praat import call
-from scipy.signal import find_peaks
 
 from engine import SAMPLE_RATE
 
-PITCH_FLOOR_HZ = 75.0
-PITCH_CEILING_HZ = 500.0
-_MIN_VOICED_FRAMES = 5
-_SILENCE_BELOW_MAX_DB = 25.0  # intensity frames this far below the window's peak are pauses
-_NUCLEUS_PROMINENCE_DB = 2.0
+MIN_VOICED_FRACTION = 0.08  # less voicing than this in a window: no prosody for it
+
+# field -> (eGeMAPS functional, unit, what it is, normative). A normative measure means the same
+# across microphones, gains and telephone lines, so a population norm is a fair first reference
+# for it; the others (levels and spectral balance) are compared with the speaker's own only.
+MEASURES: dict[str, tuple[str, str, str, bool]] = {
+    "f0_mean_st": ("F0semitoneFrom27.5Hz_sma3nz_amean", "semitones re 27.5 Hz", "pitch", True),
+    "f0_range_st": ("F0semitoneFrom27.5Hz_sma3nz_pctlrange0-2", "semitones", "pitch range", True),
+    "loudness_phon": ("loudness_sma3_amean", "phon", "loudness level", False),
+    "loudness_range_rel": ("loudness_sma3_pctlrange0-2", "ratio", "loudness range / mean", True),
+    "alpha_ratio_db": ("alphaRatioV_sma3nz_amean", "dB", "energy above 1 kHz vs below", False),
+    "hammarberg_db": ("hammarbergIndexV_sma3nz_amean", "dB", "Hammarberg index", False),
+    "slope_0_500": ("slopeV0-500_sma3nz_amean", "dB/Hz", "spectral slope 0-500 Hz", False),
+    "slope_500_1500": ("slopeV500-1500_sma3nz_amean", "dB/Hz", "slope 0.5-1.5 kHz", False),
+    "hnr_db": ("HNRdBACF_sma3nz_amean", "dB", "harmonics-to-noise ratio", False),
+    "jitter": ("jitterLocal_sma3nz_amean", "ratio", "jitter", True),
+    "shimmer_db": ("shimmerLocaldB_sma3nz_amean", "dB", "shimmer", True),
+    "peaks_per_s": ("loudnessPeaksPerSec", "1/s", "loudness peaks (syllable rate)", True),
+    "voiced_per_s": ("VoicedSegmentsPerSec", "1/s", "voiced segments per second", True),
+}
+
+
+def _phon(sone: float) -> float:
+    """Loudness level: 40 phon at 1 sone, +10 phon per doubling (a gain adds a constant)."""
+    return 40.0 + 10.0 * math.log2(max(sone, 1e-4))
 
 
 @dataclass(slots=True)
 class Prosody:
-    f0_median_st: float  # semitones re 100 Hz
-    f0_range_st: float  # 10th to 90th percentile, semitones
-    loudness_dbfs: float  # RMS level of the voiced frames
-    speech_rate_syl_s: float  # syllable nuclei per second of speaking time
-    spectral_balance_db: float  # energy above 1 kHz relative to 50 Hz-1 kHz (−alpha ratio)
-    jitter_pct: float  # local jitter, percent
-    shimmer_pct: float  # local shimmer, percent
+    f0_mean_st: float
+    f0_range_st: float
+    loudness_phon: float
+    loudness_range_rel: float
+    alpha_ratio_db: float
+    hammarberg_db: float
+    slope_0_500: float
+    slope_500_1500: float
+    hnr_db: float
+    jitter: float
+    shimmer_db: float
+    peaks_per_s: float
+    voiced_per_s: float
     voiced_fraction: float
 
     @classmethod
     def unmeasured(cls, voiced_fraction: float = 0.0) -> Prosody:
         """No measure at all: the stress scorer then leaves prosody out."""
-        nan = math.nan
-        return cls(nan, nan, nan, nan, nan, nan, nan, voiced_fraction)
+        return cls(**dict.fromkeys(MEASURES, math.nan), voiced_fraction=voiced_fraction)
+
+    @property
+    def measured(self) -> bool:
+        return math.isfinite(self.f0_mean_st)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
+    def vector(self) -> np.ndarray:
+        return np.array([getattr(self, name) for name in MEASURES], dtype=np.float64)
 
-def _semitones(hz: np.ndarray) -> np.ndarray:
-    return 12.0 * np.log2(hz / 100.0)
+
+assert [f.name for f in fields(Prosody)][:-1] == list(MEASURES), "Prosody and MEASURES differ"
+
+_local = threading.local()  # an openSMILE extractor per thread: it keeps state between calls
 
 
-def _spectral_balance(samples: np.ndarray, voiced_times: np.ndarray, high_hz: float) -> float:
-    """10·log10(E[1 kHz, high_hz] / E[50 Hz, 1 kHz]) over 32 ms frames at the voiced times."""
-    n = 512
-    centers = (voiced_times * SAMPLE_RATE).astype(int)
-    centers = centers[(centers >= n // 2) & (centers + n // 2 <= samples.shape[0])]
-    if centers.size == 0:
-        return math.nan
-    frames = np.stack([samples[c - n // 2 : c + n // 2] for c in centers]) * np.hanning(n)
-    power = (np.abs(np.fft.rfft(frames, axis=1)) ** 2).sum(axis=0)
-    freqs = np.fft.rfftfreq(n, 1.0 / SAMPLE_RATE)
-    low = power[(freqs >= 50) & (freqs < 1000)].sum()
-    high = power[(freqs >= 1000) & (freqs < high_hz)].sum()
-    if low <= 0 or high <= 0:
-        return math.nan
-    return float(10.0 * np.log10(high / low))
+def _smile() -> Any:
+    smile = getattr(_local, "smile", None)
+    if smile is None:
+        import opensmile
+
+        smile = opensmile.Smile(
+            feature_set=opensmile.FeatureSet.eGeMAPSv02,
+            feature_level=opensmile.FeatureLevel.Functionals,
+        )
+        _local.smile = smile
+    return smile
 
 
 def measure(samples: np.ndarray, *, narrowband: bool = False) -> Prosody:
-    """Measure a mono 16 kHz window. ``narrowband`` (8 kHz source) caps the high band at 3.4 kHz."""
-    sound = parselmouth.Sound(samples.astype(np.float64), sampling_frequency=SAMPLE_RATE)
-    duration = samples.shape[0] / SAMPLE_RATE
-    pitch = sound.to_pitch_ac(
-        time_step=0.01, pitch_floor=PITCH_FLOOR_HZ, pitch_ceiling=PITCH_CEILING_HZ
-    )
-    f0 = pitch.selected_array["frequency"]
-    times = pitch.xs()
-    voiced = f0 > 0
-    voiced_fraction = float(voiced.mean()) if f0.size else 0.0
-    if voiced.sum() < _MIN_VOICED_FRAMES:
-        return Prosody.unmeasured(voiced_fraction)
-
-    st = _semitones(f0[voiced])
-    f0_median = float(np.median(st))
-    p10, p90 = np.percentile(st, [10, 90])
-
-    # Loudness: RMS over 25 ms frames centred on the voiced pitch frames.
-    half = int(0.0125 * SAMPLE_RATE)
-    centers = (times[voiced] * SAMPLE_RATE).astype(int)
-    energies = [
-        float(np.mean(samples[max(0, c - half) : c + half].astype(np.float64) ** 2))
-        for c in centers
-    ]
-    loudness = 10.0 * math.log10(max(float(np.mean(energies)), 1e-12))
-
-    # Speech rate (after de Jong & Wempe 2009): intensity peaks that stand out from their
-    # surroundings and fall on voiced frames are syllable nuclei.
-    intensity = sound.to_intensity(minimum_pitch=PITCH_FLOOR_HZ, time_step=0.01)
-    level = intensity.values[0]
-    itimes = intensity.xs()
-    speaking = level > level.max() - _SILENCE_BELOW_MAX_DB
-    peaks, _ = find_peaks(level, prominence=_NUCLEUS_PROMINENCE_DB)
-    peaks = [p for p in peaks if speaking[p] and pitch.get_value_at_time(itimes[p]) > 0]
-    speaking_s = max(float(speaking.mean()) * duration, 0.1)
-    rate = len(peaks) / speaking_s
-
-    balance = _spectral_balance(samples, times[voiced], 3400.0 if narrowband else 5000.0)
-
-    points = call(sound, "To PointProcess (periodic, cc)", PITCH_FLOOR_HZ, PITCH_CEILING_HZ)
-    jitter = call(points, "Get jitter (local)", 0, 0, 0.0001, 0.02, 1.3)
-    shimmer = call([sound, points], "Get shimmer (local)", 0, 0, 0.0001, 0.02, 1.3, 1.6)
-
-    def pct(value: float) -> float:  # Praat returns NaN when undefined
-        return float(value) * 100.0 if value == value else math.nan
-
-    return Prosody(
-        f0_median_st=f0_median,
-        f0_range_st=float(p90 - p10),
-        loudness_dbfs=loudness,
-        speech_rate_syl_s=rate,
-        spectral_balance_db=balance,
-        jitter_pct=pct(jitter),
-        shimmer_pct=pct(shimmer),
-        voiced_fraction=voiced_fraction,
-    )
+    """Measure a mono 16 kHz window. (``narrowband``: the audio came at 8 kHz; the measures are
+    the same, compared with the same speaker's baseline over the same channel.)"""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.size < SAMPLE_RATE // 4 or not np.any(samples):
+        return Prosody.unmeasured()
+    values = _smile().process_signal(samples, SAMPLE_RATE).iloc[0]
+    voiced = float(values["VoicedSegmentsPerSec"] * values["MeanVoicedSegmentLengthSec"])
+    voiced = min(1.0, max(0.0, voiced)) if math.isfinite(voiced) else 0.0
+    if voiced < MIN_VOICED_FRACTION or not values["F0semitoneFrom27.5Hz_sma3nz_amean"] > 0:
+        return Prosody.unmeasured(voiced)
+    measured = {name: float(values[column]) for name, (column, *_) in MEASURES.items()}
+    sone = measured["loudness_phon"]
+    measured["loudness_phon"] = _phon(sone)
+    measured["loudness_range_rel"] = measured["loudness_range_rel"] / max(sone, 1e-4)
+    return Prosody(**measured, voiced_fraction=voiced)

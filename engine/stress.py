@@ -1,114 +1,196 @@
-"""An explainable, per-speaker stress index (0-100) from prosody and the emotion distribution.
+"""An explainable, per-speaker stress index (0-100): how far this voice has moved towards high
+arousal from its own calm reference.
 
-Each prosodic measure is turned into a z-score against the same session's first
-``baseline_windows`` windows of speech (the speaker's own calm reference), signed so that a
-higher value means more arousal, clipped to ±3 and averaged with fixed weights. That arousal
-score (70 %) and the emotion distribution's high-arousal negative mass — angry, fearful, half of
-disgusted — (30 %) make the raw index; an exponential moving average smooths it across windows.
-Every result carries each component's value, baseline, z-score, weight and the points it added.
+1. A window's prosody — eGeMAPS measures, engine/prosody.py — becomes robust z-scores against the
+   speaker's baseline: the median and MAD of the same measures over the session's speech that did
+   not score elevated (the baseline keeps learning, up to ``BASELINE_MAX`` windows). Its first
+   ``warmup`` (baseline_windows) windows of speech are learned whatever they score, so a speaker
+   whose ordinary voice is far from the average still gets a baseline; the median keeps one loud
+   word out of it. While the baseline is short it is blended with a population prior chosen by the
+   voice's pitch (a lower or a higher voice), worth ``PRIOR_WINDOWS`` windows.
+2. A logistic regression fitted on speaker-normalised measures (bench/stress.py: RAVDESS actors,
+   leave-one-speaker-out; the numbers are in stress_model.json) weighs the z-scores. Their sum
+   with its intercept is the prosodic log-odds that the voice is in a high-arousal state.
+3. The emotion model's high-arousal negative mass (angry + fearful + ½ disgusted), above the same
+   speaker's usual mass, adds log-odds with a documented prior weight: it cannot be fitted here,
+   the development model is random.
+4. index = clip(offset + scale × log-odds, 0, 100), smoothed across windows. The two numbers are
+   calibrated so that levels mean the same for everyone: a voice exactly at its own baseline
+   scores 15 ("low"), and only 3 % of calm speech, of speakers the fit had not seen, reaches 50
+   ("elevated"). Every component's ``points`` are its exact part of the sum:
+   base + Σ points = raw_index (before clipping).
 
 It is not a cortisol level, a diagnosis or a lie detector, and values are not comparable across
-speakers: it says how far this voice has moved from its own start.
+speakers' absolute voices: it says how far this voice has moved from its own reference.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.prosody import Prosody
+from engine.prosody import MEASURES, Prosody
 
-# name -> (weight, smallest standard deviation trusted, unit). Jitter and shimmer are noisy on
-# short windows and get little weight.
-FEATURES: dict[str, tuple[float, float, str]] = {
-    "f0_median_st": (0.25, 1.0, "semitones re 100 Hz"),
-    "f0_range_st": (0.10, 1.0, "semitones"),
-    "loudness_dbfs": (0.20, 2.0, "dB"),
-    "speech_rate_syl_s": (0.20, 0.5, "syllables/s"),
-    "spectral_balance_db": (0.15, 1.5, "dB"),
-    "jitter_pct": (0.05, 0.3, "%"),
-    "shimmer_pct": (0.05, 2.0, "%"),
-}
-EMOTION_AROUSAL_WEIGHTS = {"angry": 1.0, "fearful": 1.0, "disgusted": 0.5}
-PROSODY_SHARE = 0.7
-EMOTION_SHARE = 0.3
-Z_CLIP = 3.0
-Z_FULL_SCALE = 2.0  # a weighted mean z of +2 fills the prosody share
+MODEL_FILE = Path(__file__).with_name("stress_model.json")
 LEVELS = ((25.0, "low"), (50.0, "moderate"), (75.0, "elevated"), (math.inf, "high"))
+ELEVATED = 50.0
+MAD_TO_SD = 1.4826
+BASELINE_WARMUP = 3
+BASELINE_MAX = 120
+PRIOR_WINDOWS = 3.0  # the population prior's worth for a measure's centre, in windows
+SPREAD_PRIOR_WINDOWS = 10.0  # and for its spread, which few windows estimate poorly
+EMOTION_REFERENCE = 0.1  # high-arousal negative mass assumed for calm speech before a baseline
 NARROWBAND_CONFIDENCE = 0.75
+NO_PROSODY_CONFIDENCE = 0.5
 
 
 def level_of(index: float) -> str:
     return next(name for bound, name in LEVELS if index < bound)
 
 
+@dataclass(frozen=True)
+class StressModel:
+    """The fitted numbers (stress_model.json) and the documented priors."""
+
+    weights: dict[str, float]  # per measure, on the robust z-score
+    intercept: float
+    z_clip: float
+    spread_floor: dict[str, float]  # the smallest spread trusted, per measure (its unit)
+    voice_split_st: float  # f0_mean_st below this: the lower-voice prior
+    prior: dict[str, dict[str, tuple[float, float]]]  # voice -> measure -> (centre, spread)
+    emotion_labels: dict[str, float]
+    emotion_weight: float  # log-odds per unit of high-arousal negative mass above baseline
+    offset: float  # index = offset + scale x log-odds
+    scale: float
+    about: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path = MODEL_FILE) -> StressModel:
+        data = json.loads(path.read_text())
+        return cls(
+            weights={k: float(v) for k, v in data["weights"].items()},
+            intercept=float(data["intercept"]),
+            z_clip=float(data["z_clip"]),
+            spread_floor={k: float(v) for k, v in data["spread_floor"].items()},
+            voice_split_st=float(data["voice_split_st"]),
+            prior={
+                voice: {k: (float(c), float(s)) for k, (c, s) in measures.items()}
+                for voice, measures in data["prior"].items()
+            },
+            emotion_labels={k: float(v) for k, v in data["emotion"]["labels"].items()},
+            emotion_weight=float(data["emotion"]["weight"]),
+            offset=float(data["index"]["offset"]),
+            scale=float(data["index"]["scale"]),
+            about=data.get("about", {}),
+        )
+
+
 @dataclass(slots=True)
 class StressResult:
     index: float  # smoothed, 0-100
     raw_index: float  # this window alone
+    prosodic_index: float  # this window, prosody only (no emotion term)
     level: str
     confidence: float  # 0-1
-    calibrating: bool  # the speaker's baseline is still being collected
+    calibrating: bool  # the speaker's baseline is still short
+    base: float  # the index at the speaker's baseline; base + Σ points = raw_index (unclipped)
     components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "raw_index": self.raw_index,
+            "prosodic_index": self.prosodic_index,
             "level": self.level,
             "confidence": self.confidence,
             "calibrating": self.calibrating,
+            "base": self.base,
             "components": self.components,
+            "baseline": self.baseline,
         }
 
 
-def _finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)
+class Baseline:
+    """A speaker's reference: robust centre and spread of each measure over calm speech."""
+
+    def __init__(self, model: StressModel, warmup: int = BASELINE_WARMUP) -> None:
+        self.model = model
+        self.warmup = warmup
+        self._values = {name: deque[float](maxlen=BASELINE_MAX) for name in model.weights}
+        self._masses = deque[float](maxlen=BASELINE_MAX)
+        self.windows = 0  # windows learned
+
+    def voice(self, prosody: Prosody) -> str:
+        f0 = self._values.get("f0_mean_st")
+        pitch = float(np.median(f0)) if f0 else prosody.f0_mean_st
+        return "lower" if pitch < self.model.voice_split_st else "higher"
+
+    def learn(self, prosody: Prosody, mass: float) -> None:
+        self.windows += 1
+        self._masses.append(mass)
+        for name, values in self._values.items():
+            value = getattr(prosody, name)
+            if math.isfinite(value):
+                values.append(value)
+
+    def mass(self) -> float:
+        """The speaker's usual high-arousal negative mass (the emotion model's, on calm speech)."""
+        n, k = len(self._masses), PRIOR_WINDOWS
+        median = float(np.median(self._masses)) if n else EMOTION_REFERENCE
+        return (n * median + k * EMOTION_REFERENCE) / (n + k)
+
+    def centre_spread(self, name: str, voice: str, value: float) -> tuple[float, float]:
+        """The reference for ``name``: the speaker's median and MAD, blended with the population
+        prior while the baseline is short. A measure that depends on the microphone or the line
+        (MEASURES: not normative) takes no prior centre: before the speaker has a baseline it
+        is compared with itself (``value``), never with other people's recordings."""
+        prior_centre, prior_spread = self.model.prior[voice][name]
+        normative = MEASURES[name][3]
+        values = self._values[name]
+        n = len(values)
+        if n:
+            arr = np.fromiter(values, dtype=np.float64)
+            median = float(np.median(arr))
+            mad = float(np.median(np.abs(arr - median))) * MAD_TO_SD if n >= 3 else prior_spread
+        else:
+            median, mad = (prior_centre if normative else value), prior_spread
+        k, ks = (PRIOR_WINDOWS if normative else 0.0), SPREAD_PRIOR_WINDOWS
+        centre = (n * median + k * prior_centre) / (n + k) if n + k else median
+        spread = (n * mad + ks * prior_spread) / (n + ks)
+        return centre, max(spread, self.model.spread_floor[name])
 
 
 class StressScorer:
-    """Per-session state: the baseline and the smoothed index. One scorer per speaker/track."""
+    """Per-track state: the speaker's baseline and the smoothed index."""
 
     def __init__(
-        self, *, baseline_windows: int = 5, smoothing: float = 0.5, narrowband: bool = False
+        self,
+        *,
+        model: StressModel | None = None,
+        warmup: int = BASELINE_WARMUP,
+        smoothing: float = 0.7,
+        narrowband: bool = False,
     ) -> None:
-        if baseline_windows < 1:
-            raise ValueError("baseline_windows must be at least 1")
+        if warmup < 1:
+            raise ValueError("warmup (baseline_windows) must be at least 1")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError("smoothing must be in (0, 1]")
-        self.baseline_windows = baseline_windows
+        self.model = model or default_model()
         self.smoothing = smoothing
         self.narrowband = narrowband
-        self._baseline: dict[str, list[float]] = {name: [] for name in FEATURES}
-        self._baseline_count = 0
+        self.baseline = Baseline(self.model, warmup)
         self._smoothed: float | None = None
 
     @property
     def calibrating(self) -> bool:
-        return self._baseline_count < self.baseline_windows
-
-    def _learn(self, prosody: Prosody) -> None:
-        if (
-            not self.calibrating
-            or prosody.voiced_fraction <= 0
-            or not _finite(prosody.f0_median_st)
-        ):
-            return
-        self._baseline_count += 1
-        for name in FEATURES:
-            value = getattr(prosody, name)
-            if _finite(value):
-                self._baseline[name].append(value)
-
-    def _baseline_stats(self, name: str) -> tuple[float, float] | None:
-        values = self._baseline[name]
-        if len(values) < 2:
-            return None
-        floor = FEATURES[name][1]
-        return float(np.mean(values)), max(float(np.std(values, ddof=1)), floor)
+        return self.baseline.windows < self.baseline.warmup
 
     def update(
         self,
@@ -118,66 +200,81 @@ class StressScorer:
         *,
         prosody_missing: str | None = None,
     ) -> StressResult:
-        self._learn(prosody)
+        m = self.model
         components: dict[str, dict[str, Any]] = {}
-        weighted = 0.0
-        available = 0.0
-        for name, (weight, _, unit) in FEATURES.items():
-            value = getattr(prosody, name)
-            stats = self._baseline_stats(name)
-            if not _finite(value) or stats is None:
-                continue
-            mean, sd = stats
-            z = float(np.clip((value - mean) / sd, -Z_CLIP, Z_CLIP))
-            weighted += weight * z
-            available += weight
-            components[name] = {
-                "value": round(value, 3),
-                "baseline": round(mean, 3),
-                "unit": unit,
-                "z": round(z, 2),
-                "weight": weight,
-            }
-        total_weight = sum(w for w, _, _ in FEATURES.values())
-        prosody_points = 0.0
-        if available > 0:
-            scale = 100.0 * PROSODY_SHARE / (available * Z_FULL_SCALE)
-            for comp in components.values():
-                comp["points"] = round(comp["weight"] * comp["z"] * scale, 1)
-            prosody_points = float(np.clip(weighted * scale, 0.0, 100.0 * PROSODY_SHARE))
-        mass = sum(scores.get(label, 0.0) * w for label, w in EMOTION_AROUSAL_WEIGHTS.items())
-        mass = float(np.clip(mass, 0.0, 1.0))
-        emotion_points = 100.0 * EMOTION_SHARE * mass
+        log_odds = m.intercept
+        measured = prosody.measured
+        voice = self.baseline.voice(prosody) if measured else "higher"
+        if measured:
+            for name, weight in m.weights.items():
+                value = getattr(prosody, name)
+                if weight == 0.0 or not math.isfinite(value):
+                    continue  # a measure the fitted index does not use, or did not get
+                centre, spread = self.baseline.centre_spread(name, voice, value)
+                z = float(np.clip((value - centre) / spread, -m.z_clip, m.z_clip))
+                log_odds += weight * z
+                components[name] = {
+                    "value": round(value, 4),
+                    "baseline": round(centre, 4),
+                    "spread": round(spread, 4),
+                    "unit": MEASURES[name][1],
+                    "z": round(z, 2),
+                    "weight": weight,
+                    "points": round(m.scale * weight * z, 1),
+                }
+        elif prosody_missing is not None:
+            components["prosody"] = {"available": False, "reason": prosody_missing, "points": 0.0}
+        prosodic = m.offset + m.scale * log_odds
+        mass = float(sum(scores.get(k, 0.0) * w for k, w in m.emotion_labels.items()))
+        mass = min(1.0, max(0.0, mass)) if math.isfinite(mass) else 0.0
+        usual = self.baseline.mass()
+        emotion_points = m.scale * m.emotion_weight * (mass - usual)
         components["emotion_arousal"] = {
             "value": round(mass, 3),
+            "baseline": round(usual, 3),
             "unit": "probability",
-            "labels": dict(EMOTION_AROUSAL_WEIGHTS),
-            "weight": EMOTION_SHARE,
+            "labels": dict(m.emotion_labels),
+            "weight": m.emotion_weight,
             "points": round(emotion_points, 1),
         }
-        if prosody_missing is not None:
-            components["prosody"] = {"available": False, "reason": prosody_missing, "points": 0.0}
-        raw = float(np.clip(prosody_points + emotion_points, 0.0, 100.0))
+        raw = float(np.clip(prosodic + emotion_points, 0.0, 100.0))
+        compared_with = self.baseline.windows
+        if measured and (self.calibrating or prosodic < ELEVATED):
+            self.baseline.learn(prosody, mass)  # after scoring: never its own reference
         if self._smoothed is None:
             self._smoothed = raw
         else:
             self._smoothed = self.smoothing * raw + (1.0 - self.smoothing) * self._smoothed
-
-        baseline_part = min(1.0, self._baseline_count / self.baseline_windows)
-        speech_part = min(1.0, speech_ratio / 0.6) * min(1.0, prosody.voiced_fraction / 0.4)
-        confidence = (
-            (0.3 + 0.7 * baseline_part)
-            * (0.5 + 0.5 * speech_part)
-            * (0.5 + 0.5 * available / total_weight)
-        )
-        if self.narrowband:
-            confidence *= NARROWBAND_CONFIDENCE
         index = round(self._smoothed, 1)
         return StressResult(
             index=index,
             raw_index=round(raw, 1),
+            prosodic_index=round(float(np.clip(prosodic, 0.0, 100.0)), 1),
             level=level_of(index),
-            confidence=round(confidence, 2),
+            confidence=self._confidence(prosody, speech_ratio, measured),
             calibrating=self.calibrating,
+            base=round(m.offset + m.scale * m.intercept, 1),
             components=components,
+            baseline={"windows": compared_with, "voice": voice},
         )
+
+    def _confidence(self, prosody: Prosody, speech_ratio: float, measured: bool) -> float:
+        n = self.baseline.windows
+        baseline_part = n / (n + PRIOR_WINDOWS)
+        speech_part = min(1.0, speech_ratio / 0.6) * min(1.0, prosody.voiced_fraction / 0.3)
+        confidence = (0.3 + 0.7 * baseline_part) * (0.5 + 0.5 * speech_part)
+        if not measured:
+            confidence *= NO_PROSODY_CONFIDENCE
+        if self.narrowband:
+            confidence *= NARROWBAND_CONFIDENCE
+        return round(confidence, 2)
+
+
+_DEFAULT: StressModel | None = None
+
+
+def default_model() -> StressModel:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = StressModel.load()
+    return _DEFAULT

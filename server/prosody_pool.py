@@ -1,8 +1,8 @@
 """Prosody measured in worker processes, each call with a time limit.
 
-Praat (parselmouth) holds the GIL while it runs — 130 ms for a 12 s window here — and under
-eventlet every greenthread shares the hub's one OS thread, so a Praat call on a native thread
-would still stall every client. Worker processes have GILs of their own. Each worker reads
+Measuring is CPU work in native code (openSMILE, ~45 ms for a 2 s window here) beside the model;
+worker processes keep it off the event loop's OS thread and its GIL entirely, and a worker that
+hangs in native code can be killed, which a thread cannot. Each worker reads
 length-prefixed pickled requests on stdin and answers on stdout; the pipes are green, so a
 greenthread waiting for an answer yields to the rest of the server.
 
@@ -29,7 +29,8 @@ from server.runtime import EventletRuntime
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<I")
-_STARTUP_S = 120.0  # a new worker's interpreter start and Praat's first call
+_STARTUP_S = 120.0  # a new worker's interpreter start and openSMILE's first call
+_VOICED = (0.1 * np.sin(2 * np.pi * 150 * np.arange(16000) / 16000)).astype(np.float32)
 
 
 def _read(stream: Any) -> Any:
@@ -93,7 +94,7 @@ class ProsodyPool:
         worker = _Worker(self._runtime)
         self._all.add(worker)
         with self._runtime.deadline(_STARTUP_S):
-            worker.measure(np.zeros(16000, np.float32), False)  # Praat's setup: not a client's
+            worker.measure(_VOICED, False)  # openSMILE's first call pays its setup: not a client's
         return worker
 
     def measure(self, samples: np.ndarray, narrowband: bool = False) -> Prosody:

@@ -104,7 +104,11 @@ class Settings:
     vad_aggressiveness: int = field(default=2, metadata={"help": "webrtcvad mode 0-3"})
     buffer_s: float = field(default=10.0, metadata={"help": "audio kept per session, seconds"})
     baseline_windows: int = field(
-        default=5, metadata={"help": "windows of a speaker's first speech used as stress baseline"}
+        default=3,
+        metadata={
+            "help": "a speaker's first windows of speech, taken as their calm baseline; later "
+            "windows that are not elevated keep refining it"
+        },
     )
     # sessions and limits
     max_sessions: int = field(default=200, metadata={"help": "concurrent sessions at most"})

@@ -17,14 +17,21 @@ const LEVELS = [
   { upTo: 100, name: "high", color: "rgba(229, 72, 77, 0.18)" },
 ];
 const COMPONENT_NAMES = {
-  f0_median_st: "Pitch (median F0)",
+  f0_mean_st: "Pitch (mean F0)",
   f0_range_st: "Pitch range",
-  loudness_dbfs: "Loudness",
-  speech_rate_syl_s: "Speech rate",
-  spectral_balance_db: "Spectral balance (high vs low)",
-  jitter_pct: "Jitter",
-  shimmer_pct: "Shimmer",
-  emotion_arousal: "Emotion: angry / fearful / disgusted",
+  loudness: "Loudness",
+  loudness_range: "Loudness range",
+  alpha_ratio_db: "Energy above 1 kHz (alpha ratio)",
+  hammarberg_db: "Spectral tilt (Hammarberg)",
+  slope_0_500: "Spectral slope 0–500 Hz",
+  slope_500_1500: "Spectral slope 0.5–1.5 kHz",
+  hnr_db: "Voice clarity (HNR)",
+  jitter: "Jitter",
+  shimmer_db: "Shimmer",
+  peaks_per_s: "Speech rate (loudness peaks)",
+  voiced_per_s: "Voiced segments per second",
+  emotion_arousal: "Emotion: angry / fearful / disgusted (vs usual)",
+  prosody: "Prosody",
 };
 
 function el(tag, attrs = {}, ...children) {
@@ -191,14 +198,16 @@ function measure(value, unit, withUnit = true) {
 
 function renderComponents(container, stress) {
   if (!stress) { container.replaceChildren(el("p", { class: "muted" }, "No stress value yet.")); return; }
-  const entries = Object.entries(stress.components).sort((a, b) => Math.abs(b[1].points || 0) - Math.abs(a[1].points || 0));
+  const entries = Object.entries(stress.components)
+    .filter(([, c]) => c.weight !== 0)  // measures the fitted index does not use
+    .sort((a, b) => Math.abs(b[1].points || 0) - Math.abs(a[1].points || 0));
   const rows = entries.map(([name, c]) => {
     const points = c.points || 0;
     const detail = c.available === false
       ? `not measured for this window (${c.reason}); stress rests on the emotions, with lower confidence`
       : "z" in c
         ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
-        : `${fmt(c.value * 100, 0)}% of the emotion distribution`;
+        : `${fmt(c.value * 100, 0)}% of the emotion distribution (usual ${fmt((c.baseline || 0) * 100, 0)}%)`;
     const width = Math.min(100, Math.abs(points) * 2);
     return el("div", { class: "comp-row", "data-component": name },
       el("span", { class: "comp-name" }, COMPONENT_NAMES[name] || name),

@@ -8,7 +8,8 @@ import threading
 
 import numpy as np
 
-from engine.prosody import Prosody
+from engine.prosody import MEASURES, Prosody
+from engine.stress import default_model
 from server.analysis import Analysis, AnalysisError
 from server.events import Ended
 from server.runtime import ThreadRuntime
@@ -18,7 +19,9 @@ WAIT_S = 30
 
 
 def calm_prosody() -> Prosody:
-    return Prosody(0.0, 3.0, -20.0, 4.0, -6.0, 1.0, 10.0, 0.6)
+    """A lower voice at the centre of the shipped stress model's population prior."""
+    prior = default_model().prior["lower"]
+    return Prosody(**{name: prior[name][0] for name in MEASURES}, voiced_fraction=0.6)
 
 
 class FakeAnalyse:

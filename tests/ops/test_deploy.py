@@ -99,7 +99,7 @@ def test_the_image_install_steps_work_in_a_fresh_virtualenv(tmp_path):
         [
             str(venv / "bin/python"),
             "-c",
-            "import torch, funasr, webrtcvad, parselmouth, soxr, flask_socketio, "
+            "import torch, funasr, webrtcvad, opensmile, soxr, flask_socketio, "
             "flask_sock, redis; print(torch.__version__)",
         ],
         capture_output=True,

@@ -218,7 +218,7 @@ def test_a_dead_or_hung_prosody_worker_costs_no_window_and_is_replaced(strict_se
     )
     assert replacement != worker
     results, _ = _run_speech(strict_server, TOKEN)
-    assert "f0_median_st" in results[-1]["stress"]["components"]  # the new worker measures
+    assert "f0_mean_st" in results[-1]["stress"]["components"]  # the new worker measures
 
 
 def _prosody_worker_or_none(server_pid: int) -> int | None:

@@ -231,7 +231,7 @@ def test_a_window_whose_prosody_times_out_is_analysed_without_it_and_counted():
     analysis = analyser(
         np.zeros(32000, np.float32), narrowband=False, embeddings=False, priority="live"
     )
-    assert analysis.prosody_missing == "timeout" and np.isnan(analysis.prosody.f0_median_st)
+    assert analysis.prosody_missing == "timeout" and np.isnan(analysis.prosody.f0_mean_st)
     assert analysis.probs.shape == (len(LABELS),) and failures == ["timeout"]
     batcher.close()
 
