@@ -11,6 +11,7 @@ ARG TORCH_INDEX=
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 
 # hadolint ignore=DL3008

@@ -7,7 +7,10 @@ JSON: ``{"error": {"code", "message"}}``.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import logging
+import time
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
@@ -15,14 +18,13 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from engine.audio import AudioFormatError, load_file
 from server import wire
+from server.alerts import SEVERITIES
 from server.auth import request_token, token_ok
 from server.factory import SessionFactory
 from server.protocol import ProtocolError, describe_id, valid_id
 from server.service import Service
 
 log = logging.getLogger(__name__)
-
-HTTP_STATUS = {"UNAUTHORIZED": 401, "UNKNOWN_SESSION": 404, "PAYLOAD_TOO_LARGE": 413}
 
 
 def error(status: int, code: str, message: str) -> tuple[Response, int]:
@@ -48,6 +50,23 @@ def register_error_handlers(app: Flask, service: Service) -> None:
     def unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("request failed", extra={"path": request.path})
         return error(500, "INTERNAL", "the server failed on this request")
+
+
+def _epoch(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return datetime.datetime.fromisoformat(value).timestamp()
+
+
+def _who(req: Any) -> dict[str, str]:
+    """Who made a request, for an audit log: the client's address (as the proxy saw it) and a
+    fingerprint of its token (never the token)."""
+    token = request_token(req)
+    return {
+        "remote": req.headers.get("X-Forwarded-For", req.remote_addr or "").split(",")[0].strip(),
+        "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:12] if token else "none",
+    }
 
 
 def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
@@ -124,6 +143,42 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         if fmt != "json":
             return error(400, "INVALID_MESSAGE", f"format must be json or csv, got {fmt[:20]!r}")
         return jsonify(stored)
+
+    @bp.get("/api/alerts")
+    def alerts() -> Response | tuple[Response, int]:
+        """Recent alerts, newest first: ``since`` (epoch seconds or ISO 8601), ``severity``
+        (comma-separated), ``limit`` (1-1000)."""
+        since_arg = request.args.get("since", "")
+        try:
+            since = _epoch(since_arg) if since_arg else time.time() - 86_400.0
+        except ValueError:
+            return error(400, "INVALID_MESSAGE", f"since: {since_arg[:40]!r} is not a time")
+        severities = tuple(s for s in request.args.get("severity", "").split(",") if s)
+        bad = set(severities) - set(SEVERITIES)
+        if bad:
+            return error(400, "INVALID_MESSAGE", f"severity: one of {', '.join(SEVERITIES)}")
+        limit = min(max(request.args.get("limit", 100, type=int) or 100, 1), 1000)
+        found = offload(store.list_alerts, since=since, severities=severities, limit=limit)
+        return jsonify({"alerts": found, "since": since})
+
+    @bp.delete("/api/sessions/<session_id>")
+    def delete_session(session_id: str) -> Response | tuple[Response, int]:
+        """Erase a session and its results (a data subject's request, say); logged with who
+        asked. A session still open is refused: end it first (a dead node's are closed when it
+        restarts, or purged a day past retention)."""
+        if not valid_id(session_id):
+            return error(400, "INVALID_MESSAGE", f"bad session id {describe_id(session_id)}")
+        stored = offload(store.get_session, session_id, since_seq=1 << 62)
+        if stored is None:
+            return error(404, "UNKNOWN_SESSION", f"no stored session {session_id}")
+        if stored["ended_at"] is None or service.registry.get(session_id) is not None:
+            return error(409, "SESSION_OPEN", f"session {session_id} is still open; end it first")
+        offload(store.delete_session, session_id)
+        log.warning(
+            "session deleted on request",
+            extra={"session_id": session_id, **_who(request)},
+        )
+        return Response(status=204)
 
     @bp.post("/api/analyze")
     def analyze() -> Response | tuple[Response, int]:

@@ -24,6 +24,7 @@ from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
 from server import api, telephony
+from server.alerts import AlertEngine, load_rules
 from server.auth import origin_check
 from server.events import EventBus
 from server.factory import SessionFactory
@@ -31,11 +32,19 @@ from server.runtime import ThreadRuntime
 from server.service import Service, WrapPredictor
 from server.settings import Settings
 from server.socketio_edge import StreamNamespace
-from server.subscribers import MetricsRecorder, MonitorPublisher, RoomPublisher, StoreRecorder
+from server.subscribers import (
+    AlertPublisher,
+    MetricsRecorder,
+    MonitorPublisher,
+    RoomPublisher,
+    StoreRecorder,
+)
 from server.telephony import TelephonyEdge
+from server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+RETENTION_EVERY_S = 3600.0
 HUB_TICK_S = 0.05
 
 
@@ -76,6 +85,31 @@ class App:
             self.socketio.sleep(0.05)
 
 
+def _alerting(
+    settings: Settings, service: Service, emit: Any, runtime: ThreadRuntime
+) -> list[AlertPublisher]:
+    """The alert rules' subscriber, when there are rules (RuleError names a bad one)."""
+    if not settings.alert_rules:
+        return []
+    rules = load_rules(settings.alert_rules, service.model_info["labels"])
+    service.metrics.watch_rules([(r.name, r.severity) for r in rules])
+    webhooks = None
+    if settings.alert_webhook:
+        webhooks = WebhookSender(
+            settings.alert_webhook,
+            secret=settings.alert_webhook_secret,
+            runtime=runtime,
+            on_failure=lambda reason: service.metrics.webhook_failures.labels(reason).inc(),
+            queue_size=settings.alert_webhook_queue,
+            timeout_s=settings.alert_webhook_timeout_s,
+        )
+    engine = AlertEngine(
+        rules, random_weights=bool(service.model_info.get("random_weights")), hop_s=settings.hop_s
+    )
+    log.info("alert rules loaded", extra={"rules": [r.name for r in rules]})
+    return [AlertPublisher(engine, service.store, emit, service.metrics, webhooks)]
+
+
 def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> App:
     static = Path(settings.static_dir)
     flask = Flask(__name__, static_folder=str(static), static_url_path="/static")
@@ -101,6 +135,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
             StoreRecorder(service.store, room),
             MonitorPublisher(socketio.emit),
             MetricsRecorder(metrics, service.clock),
+            *_alerting(settings, service, socketio.emit, runtime),
         ],
         queue_size=settings.subscriber_queue,
         on_drop=lambda name: metrics.events_dropped.labels(name).inc(),
@@ -174,7 +209,19 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
             socketio.sleep(HUB_TICK_S)
             metrics.hub_lag_seconds.observe(max(0.0, time.monotonic() - start - HUB_TICK_S))
 
+    def retention() -> None:
+        while settings.retention_days > 0:
+            try:
+                before = time.time() - settings.retention_days * 86_400.0
+                deleted = runtime.offload(service.store.purge, before)
+                if deleted:
+                    log.info("retention: old sessions deleted", extra={"sessions": deleted})
+            except Exception as exc:  # the database is down: next hour
+                log.warning("retention purge failed", extra={"error": str(exc)[:200]})
+            socketio.sleep(RETENTION_EVERY_S)
+
     runtime.spawn(housekeeping)
+    runtime.spawn(retention)
     runtime.spawn(watch_hub)
     return App(flask, socketio, service, factory, bus)
 

@@ -196,6 +196,30 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    import datetime
+
+    from server.runtime import ThreadRuntime
+    from server.store import Store, redacted
+
+    try:
+        before = datetime.datetime.fromisoformat(args.before).timestamp()
+    except ValueError:
+        print(f"voxaffect purge: --before {args.before!r} is not an ISO date", file=sys.stderr)
+        return 2
+    store = Store(args.db, runtime=ThreadRuntime())
+    try:
+        store.start()
+        deleted = store.purge(before)
+    except Exception as exc:  # sqlalchemy's errors: unreachable, no such database, ...
+        print(f"voxaffect purge: {redacted(store.url)}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(f"deleted {deleted} sessions that ended before {args.before} from {redacted(store.url)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxaffect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("tiny", "large"), default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_random_model)
+
+    p = sub.add_parser("purge", help="delete stored sessions that ended before a date")
+    p.add_argument("--before", required=True, help="a date or time, ISO 8601 (local unless +HH:MM)")
+    p.add_argument("--db", default=os.environ.get("VOXAFFECT_DB", "voxaffect.db"))
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("download", help="fetch a model into the hub cache (and copy it to DIR)")
     p.add_argument("model_id", nargs="?", default="iic/emotion2vec_plus_large")
@@ -270,12 +299,15 @@ def serve(argv: list[str]) -> int:
         print(f"voxaffect serve: {exc}", file=sys.stderr)
         return 2
     from engine.hub import ModelLoadError
+    from server.alerts import RuleError, load_rules
 
-    runtime = EventletRuntime()
-    runtime.install()
     try:
+        if settings.alert_rules:  # before the model loads: a typo fails in a second
+            load_rules(settings.alert_rules, labels=None)
+        runtime = EventletRuntime()
+        runtime.install()
         run(settings, runtime, wrap_predictor=_predictor_wrapper())
-    except ModelLoadError as exc:
+    except (ModelLoadError, RuleError) as exc:
         print(f"voxaffect serve: {exc}", file=sys.stderr)
         return 2
     return 0

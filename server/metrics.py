@@ -35,6 +35,7 @@ FALLBACK_REASONS = ("timeout", "oom", "error", "circuit_open", "busy")
 SKIP_REASONS = ("silence", "superseded")
 PROSODY_FAILURES = ("timeout", "died", "error")
 STORE_ERRORS = ("unreachable", "rejected", "dropped")
+WEBHOOK_FAILURES = ("queue_full", "unreachable", "status", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -113,6 +114,15 @@ class Metrics:
             ["subscriber"],
             registry=r,
         )
+        self.alerts = Counter(
+            p + "alerts", "Alerts fired, by rule and severity", ["rule", "severity"], registry=r
+        )
+        self.webhook_failures = Counter(
+            p + "webhook_failures",
+            "Alert webhook deliveries lost, by why (after every retry)",
+            ["reason"],
+            registry=r,
+        )
         self.capacity = Gauge(
             p + "capacity_windows_per_second",
             "Windows a second the model can analyse here (measured at start)",
@@ -142,7 +152,9 @@ class Metrics:
             self.prosody_failures.labels(reason)
         for kind in STORE_ERRORS:
             self.store_errors.labels(kind)
-        for name in ("room", "monitor", "metrics", "store"):
+        for reason in WEBHOOK_FAILURES:
+            self.webhook_failures.labels(reason)
+        for name in ("room", "monitor", "metrics", "store", "alerts"):
             self.events_dropped.labels(name)
         for code in ERROR_CODES:
             self.errors.labels(code)
@@ -153,6 +165,11 @@ class Metrics:
             self.active_sessions.labels(source)
         for transport in ("socketio", "telephony"):
             self.connections.labels(transport)
+
+    def watch_rules(self, rules: list[tuple[str, str]]) -> None:
+        """Every configured (rule, severity) from zero, so a quiet rule shows as 0, not absent."""
+        for rule, severity in rules:
+            self.alerts.labels(rule, severity)
 
     def enable_gpu(self) -> None:
         r = self.registry

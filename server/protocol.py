@@ -24,6 +24,7 @@ ERROR_CODES = (
     "PAYLOAD_TOO_LARGE",
     "UNKNOWN_SESSION",
     "SESSION_EXISTS",  # a client-chosen id that is live or stored already
+    "SESSION_OPEN",  # deleting a session that has not ended
     "RATE_LIMITED",
     "SESSION_LIMIT",
     "UNAUTHORIZED",

@@ -168,6 +168,26 @@ class Settings:
     node: str = field(
         default="", metadata={"help": "this process's name in the store; empty = hostname:port"}
     )
+    alert_rules: str = field(
+        default="", metadata={"help": "YAML file of alert rules (README: Alerts); empty = none"}
+    )
+    alert_webhook: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "URL(s) each alert is POSTed to, signed (repeat the flag or use commas)"},
+    )
+    alert_webhook_secret: str = field(
+        default="", metadata={"help": "HMAC-SHA256 key of the webhook signature (16+ characters)"}
+    )
+    alert_webhook_timeout_s: float = field(
+        default=5.0, metadata={"help": "seconds a webhook receiver has to answer one attempt"}
+    )
+    alert_webhook_queue: int = field(
+        default=1000, metadata={"help": "alert deliveries waiting per webhook at most"}
+    )
+    retention_days: float = field(
+        default=30.0,
+        metadata={"help": "stored sessions that ended longer ago are deleted hourly; 0 = keep"},
+    )
     static_dir: str = field(
         default=str(PROJECT_DIR / "static"), metadata={"help": "directory of the web page"}
     )
@@ -210,6 +230,11 @@ class Settings:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
         if self.hash_caller_ids and len(self.caller_id_key) < 16:
             raise ValueError("hash_caller_ids needs caller_id_key: a secret of 16+ characters")
+        if self.alert_webhook and len(self.alert_webhook_secret) < 16:
+            raise ValueError("alert_webhook needs alert_webhook_secret: a secret of 16+ characters")
+        for url in self.alert_webhook:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"alert_webhook {url[:60]!r} is not an http(s) URL")
         if "" in self.api_tokens:
             raise ValueError("an API token cannot be empty")
         self.pipeline_config()  # validates the analysis settings
@@ -233,6 +258,8 @@ class Settings:
         out = dataclasses.asdict(self)
         out["api_tokens"] = len(self.api_tokens)
         out["caller_id_key"] = bool(self.caller_id_key)
+        out["alert_webhook"] = len(self.alert_webhook)  # URLs may carry tokens
+        out["alert_webhook_secret"] = bool(self.alert_webhook_secret)
         out.pop("message_queue")
         out["db"] = redacted(database_url(self.db)) if "://" in self.db else self.db
         return out
@@ -249,6 +276,10 @@ class Settings:
                     action=argparse.BooleanOptionalAction,
                     default=None,
                     help=help_text,
+                )
+            elif f.type == "tuple[str, ...]":  # repeatable, each value comma-separated too
+                parser.add_argument(
+                    flag, dest=f.name, action="append", default=None, help=help_text
                 )
             else:
                 parser.add_argument(flag, dest=f.name, default=None, help=help_text)
@@ -270,6 +301,8 @@ class Settings:
 
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:
+    if isinstance(raw, list):  # a repeated flag
+        return tuple(v for item in raw for v in _tuple(item))
     if not isinstance(raw, str):
         return raw
     try:
@@ -314,5 +347,21 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    print(markdown_table())
+def rewrite_readme(path: str) -> None:
+    """Replace the settings table in the README at ``path`` with :func:`markdown_table`."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("| env var |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    lines[start:end] = markdown_table().split("\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":  # python -m server.settings [README.md]: print, or rewrite the README's
+    import sys
+
+    if len(sys.argv) > 1:
+        rewrite_readme(sys.argv[1])
+    else:
+        print(markdown_table())

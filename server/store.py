@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 _ADVISORY_LOCK = 7_300_511  # PostgreSQL: one node migrates at a time
+DEPENDENT_TABLES = ("results", "alerts")  # rows keyed by session_id, deleted with their session
 
 
 def database_url(db: str) -> str:
@@ -249,6 +250,28 @@ class Store:
             then,
         )
 
+    def save_alert(self, alert: dict[str, Any], then: Callable[[], None] | None = None) -> None:
+        """Record an alert as it fires, and again as it resolves."""
+        self._put(
+            "INSERT INTO alerts "
+            "(id, session_id, track, rule, severity, state, fired_at, resolved_at, payload) "
+            "VALUES (:id, :sid, :track, :rule, :severity, :state, :fired_at, :resolved_at, "
+            ":payload) ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+            "resolved_at = excluded.resolved_at, payload = excluded.payload",
+            {
+                "id": alert["id"],
+                "sid": alert["session_id"],
+                "track": alert.get("track"),
+                "rule": alert["rule"],
+                "severity": alert["severity"],
+                "state": alert["state"],
+                "fired_at": alert["fired_at"],
+                "resolved_at": alert.get("resolved_at"),
+                "payload": json.dumps(alert),
+            },
+            then,
+        )
+
     def hand_on(self, then: Callable[[], None]) -> None:
         """Call ``then`` once everything queued before it is written."""
         self._put(None, {}, then)
@@ -452,7 +475,31 @@ class Store:
             ).scalars()
             out = self._session(row)
             out["frames"] = [json.loads(p) for p in payloads]
+            alerts = conn.execute(
+                sa.text("SELECT payload FROM alerts WHERE session_id = :id ORDER BY fired_at"),
+                {"id": session_id},
+            ).scalars()
+            out["alerts"] = [json.loads(p) for p in alerts]
         return out
+
+    def list_alerts(
+        self, *, since: float = 0.0, severities: tuple[str, ...] = (), limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Alerts fired since ``since`` (epoch s), newest first."""
+        where = "fired_at >= :since"
+        params: dict[str, Any] = {"since": since, "l": limit}
+        if severities:
+            names = [f":sev{i}" for i in range(len(severities))]
+            where += f" AND severity IN ({', '.join(names)})"
+            params.update({n[1:]: s for n, s in zip(names, severities, strict=True)})
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.text(
+                    f"SELECT payload FROM alerts WHERE {where} ORDER BY fired_at DESC LIMIT :l"
+                ),
+                params,
+            ).scalars()
+            return [json.loads(p) for p in rows]
 
     def exists(self, session_id: str) -> bool:
         with self._read() as conn:
@@ -464,26 +511,23 @@ class Store:
             )
 
     def delete_session(self, session_id: str) -> bool:
-        """Remove a session and its results; False if there was none."""
+        """Remove a session and everything stored with it; False if there was none."""
         with self._db_lock, self._engine.begin() as conn:
-            conn.execute(sa.text("DELETE FROM results WHERE session_id = :id"), {"id": session_id})
-            deleted = conn.execute(
-                sa.text("DELETE FROM sessions WHERE id = :id"), {"id": session_id}
-            ).rowcount
-        return bool(deleted)
+            return bool(self._delete(conn, "id = :id", {"id": session_id}))
 
     def purge(self, before: float) -> int:
-        """Remove every ended session that started before ``before`` (epoch s); how many."""
-        where = "started_at < :before AND ended_at IS NOT NULL"
-        ids = f"SELECT id FROM sessions WHERE {where}"
+        """Remove every session that ended before ``before`` (epoch s), and any never closed that
+        started a day earlier still (its node died and did not come back); how many."""
+        where = "ended_at < :before OR (ended_at IS NULL AND started_at < :stale)"
         with self._db_lock, self._engine.begin() as conn:
-            conn.execute(
-                sa.text(f"DELETE FROM results WHERE session_id IN ({ids})"), {"before": before}
-            )
-            deleted = conn.execute(
-                sa.text(f"DELETE FROM sessions WHERE {where}"), {"before": before}
-            ).rowcount
-        return int(deleted)
+            return self._delete(conn, where, {"before": before, "stale": before - 86_400.0})
+
+    @staticmethod
+    def _delete(conn: Connection, where: str, params: dict[str, Any]) -> int:
+        ids = f"SELECT id FROM sessions WHERE {where}"
+        for table in DEPENDENT_TABLES:
+            conn.execute(sa.text(f"DELETE FROM {table} WHERE session_id IN ({ids})"), params)
+        return int(conn.execute(sa.text(f"DELETE FROM sessions WHERE {where}"), params).rowcount)
 
     def open_sessions_of_this_node(self) -> list[str]:
         """Sessions this node started and never closed (it was killed)."""

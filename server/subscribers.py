@@ -6,6 +6,8 @@
 - ``RoomPublisher`` emits to the session's Socket.IO room: its owner and its supervisors.
 - ``MonitorPublisher`` tells supervisors (the monitor room) how every session is doing.
 - ``MetricsRecorder`` counts.
+- ``AlertPublisher`` runs the alert rules over results; each alert that fires or resolves is
+  stored, then emitted to the session's room and the monitor, counted, and sent to webhooks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from server import wire
+from server.alerts import AlertEngine
 from server.events import (
     Disconnected,
     Ended,
@@ -28,6 +31,7 @@ from server.events import (
 )
 from server.metrics import Metrics
 from server.store import Store
+from server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +124,41 @@ class StoreRecorder:
             store.close_session(event.session.id, event.summary, ended_at=time.time(), then=then)
         elif isinstance(event, VadChange | Error):
             store.hand_on(then)
+
+
+class AlertPublisher:
+    name = "alerts"
+
+    def __init__(
+        self,
+        engine: AlertEngine,
+        store: Store,
+        emit: Emit,
+        metrics: Metrics,
+        webhooks: WebhookSender | None = None,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._emit = emit
+        self._metrics = metrics
+        self._webhooks = webhooks
+
+    def handle(self, event: Event) -> None:
+        if isinstance(event, Result):
+            changed = self._engine.on_result(event.result)
+        elif isinstance(event, Ended):
+            changed = self._engine.on_end(event.session.id)
+        else:
+            return
+        for alert in changed:
+            payload = alert.as_dict()
+            if alert.state == "firing":
+                self._metrics.alerts.labels(alert.rule, alert.severity).inc()
+            room = event.session.room
+            self._store.save_alert(payload, then=functools.partial(self._deliver, payload, room))
+
+    def _deliver(self, payload: dict, room: str) -> None:
+        self._emit("alert", payload, to=room)
+        self._emit("alert", payload, to=MONITOR_ROOM)
+        if self._webhooks is not None:
+            self._webhooks.submit(f"alert.{payload['state']}", {"alert": payload})

@@ -10,6 +10,9 @@ let selected = null;
 let history = [];             // the selected session's results, every party
 let track = null;             // the party shown, for calls analysed per party (customer, agent)
 let heat = null, stressChart = null, socket = null;
+const alerts = new Map();     // alert id -> the active (firing) alert
+const TITLE = document.title;
+let focusAt = null;           // audio time to show once the selected session's results arrive
 let token = new URLSearchParams(location.search).get("token") || localStorage.getItem("voxaffect-token") || "";
 $("token").value = token;
 
@@ -77,12 +80,55 @@ function renderTracks() {
   }));
 }
 
+function renderAlerts() {
+  const list = [...alerts.values()].sort((a, b) => b.fired_at - a.fired_at);
+  $("alerts-card").hidden = list.length === 0;
+  $("alert-count").textContent = list.length ? `${list.length}` : "";
+  document.title = list.length ? `(${list.length}) ${TITLE}` : TITLE;
+  $("alerts").replaceChildren(...list.map(a => {
+    const at = `${Math.floor(a.fired_audio_s / 60)}:${String(Math.floor(a.fired_audio_s % 60)).padStart(2, "0")}`;
+    const item = el("li", { "data-severity": a.severity, "data-id": a.id,
+      title: `${a.when} — click to open the call at ${at}` },
+      el("span", { class: "rule" }, a.rule),
+      `${a.evidence} · ${a.session_id}${a.track ? " (" + a.track + ")" : ""} · at ${at}`,
+      a.random_weights ? el("span", { class: "muted small" }, " · random-weight model") : "");
+    item.addEventListener("click", () => { focusAt = a.fired_audio_s; select(a.session_id); });
+    return item;
+  }));
+}
+
+function onAlert(a) {
+  if (a.state === "firing") {
+    const fresh = !alerts.has(a.id);
+    alerts.set(a.id, a);
+    if (fresh) {  // make it noticed: the card flashes, the tab title counts
+      $("alerts-card").classList.remove("flash");
+      void $("alerts-card").offsetWidth;
+      $("alerts-card").classList.add("flash");
+    }
+  } else alerts.delete(a.id);
+  renderAlerts();
+}
+
+function loadAlerts() {
+  const since = Date.now() / 1000 - 6 * 3600;
+  fetch(`/api/alerts?since=${since}&limit=200`, { headers: token ? { Authorization: `Bearer ${token}` } : {} })
+    .then(r => r.ok ? r.json() : { alerts: [] })
+    .then(body => { for (const a of body.alerts.reverse()) if (a.state === "firing") alerts.set(a.id, a); renderAlerts(); })
+    .catch(() => {});
+}
+
 function redraw() {
   renderTracks();
   const shown = history.filter(r => !track || r.track === track);
   heat.setAll(shown);
   stressChart.setAll(shown);
   if (shown.length) showResult(shown[shown.length - 1]);
+  if (focusAt !== null && stressChart.plot) {  // opened from an alert: its moment, centred
+    stressChart.plot.setScale("x", { min: focusAt - 20, max: focusAt + 10 });
+    $("detail-info").textContent = `alert at ${focusAt.toFixed(0)} s`;
+    focusAt = null;
+  }
 }
 
 function select(id) {
@@ -111,6 +157,7 @@ function connect() {
       sessions.clear();
       for (const s of ack.sessions) sessions.set(s.session_id, s);
       renderTable();
+      loadAlerts();
       if (selected) select(selected);
     });
   });
@@ -137,6 +184,7 @@ function connect() {
     stressChart.push(r);
     showResult(r);
   });
+  socket.on("alert", onAlert);
   socket.on("error", e => say(`Server error ${e.code}: ${e.message}`));
 }
 
@@ -155,4 +203,4 @@ fetch("/api/info").then(r => r.json()).then(info => {
   connect();
 }).catch(() => { setConnection("unreachable", "error"); say("Cannot reach the voxaffect server."); });
 
-window.monitor = { get history() { return history; }, get track() { return track; }, get stressChart() { return stressChart; } }; // for tests
+window.monitor = { get alerts() { return alerts; }, get history() { return history; }, get track() { return track; }, get stressChart() { return stressChart; } }; // for tests

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +151,65 @@ def multipart(field: str, filename: str, content: bytes) -> tuple[bytes, str]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     return body, f"multipart/form-data; boundary={boundary}"
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on loopback (no persistence); yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(shutil.which("redis-server") or "redis-server", "--port", str(port)),
+            *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Receiver:
+    """A local webhook endpoint: answers each POST with the next status in ``statuses``; with
+    ``hang``, holds every request open until closed."""
+
+    def __init__(self, statuses: list[int] | None = None, hang: bool = False) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.got: list[tuple[dict, bytes]] = []
+        self.statuses = statuses or []
+        self.times: list[float] = []
+        self.closed = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.got.append((dict(self.headers), body))
+                outer.times.append(time.monotonic())
+                if hang:
+                    outer.closed.wait()
+                    return
+                self.send_response(outer.statuses.pop(0) if outer.statuses else 204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.timeout = 0.05
+        self.server.daemon_threads = True
+        # handle_request in a loop rather than serve_forever/shutdown, whose Event a test module
+        # that imports eventlet's websocket code can leave waiting forever
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            self.server.handle_request()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.server_close()

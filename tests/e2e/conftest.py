@@ -60,8 +60,16 @@ def page_server(
 def token_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
+    work = tmp_path_factory.mktemp("e2e-token")
+    # a rule that holds for any speech: every session with speech raises one alert
+    (work / "rules.yml").write_text(
+        "rules:\n  - name: any_speech\n    when: speech_ratio >= 0.3\n    severity: critical\n"
+    )
     proc = ServerProcess(
-        tiny_model_dir, tmp_path_factory.mktemp("e2e-token"), env={"VOXAFFECT_API_TOKENS": TOKEN}
+        tiny_model_dir,
+        work,
+        f"--alert-rules={work / 'rules.yml'}",
+        env={"VOXAFFECT_API_TOKENS": TOKEN},
     ).start()
     yield proc
     proc.stop()

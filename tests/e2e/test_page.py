@@ -4,9 +4,12 @@ import csv
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import ARTIFACTS, TOKEN
+from tests.protocol.client import Recorder
+from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.e2e
 
@@ -130,6 +133,32 @@ def test_the_monitor_lists_live_sessions_and_shows_one(browser, token_server):
     streamer.click("#stop")
     monitor.wait_for_selector(f"tr[data-session='{session_id}']", state="detached", timeout=30_000)
     streamer_ctx.close()
+    monitor_ctx.close()
+
+
+def test_an_alert_appears_on_the_monitor_makes_itself_noticed_and_opens_its_call(
+    browser, token_server
+):
+    monitor_ctx, monitor = new_page(browser)
+    monitor.goto(f"{token_server.url}/monitor?token={TOKEN}")
+    monitor.wait_for_selector("#connection[data-state=online]")
+    assert monitor.is_hidden("#alerts-card")
+    caller = Recorder(token_server.url, token=TOKEN)
+    sid = caller.start()["session_id"]
+    caller.stream(sid, to_pcm16(np.concatenate([silence(0.3), speech()])), speed=2)
+    item = monitor.locator(f"#alerts li[data-severity=critical]:has-text('{sid}')")
+    item.wait_for(timeout=30_000)
+    assert "any_speech" in item.text_content() and "for" in item.text_content()
+    assert monitor.title().startswith("(")  # the tab says it
+    assert "flash" in (monitor.get_attribute("#alerts-card", "class") or "")
+    monitor.screenshot(path=str(ARTIFACTS / "monitor-alert.png"), full_page=True)
+    item.click()
+    monitor.wait_for_function(
+        f"document.querySelector('#detail-id').textContent === '{sid}'", timeout=10_000
+    )
+    caller.end(sid)
+    caller.close()
+    item.wait_for(state="detached", timeout=30_000)  # resolved when the call ended
     monitor_ctx.close()
 
 

@@ -77,7 +77,9 @@ def prometheus(
 ) -> Iterator[tuple[str, ServerProcess]]:
     """A live server, and Debian's Prometheus scraping it every second."""
     work = tmp_path_factory.mktemp("prom")
-    server = ServerProcess(tiny_model_dir, work / "server").start()
+    server = ServerProcess(
+        tiny_model_dir, work / "server", f"--alert-rules={ROOT / 'deploy/alert-rules.yml'}"
+    ).start()
     config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(GRAFANA / "alerts.yml")]

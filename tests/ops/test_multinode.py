@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import ROOT, ServerProcess, free_port
+from tests.harness import ROOT, ServerProcess, free_port, redis_server
 from tests.protocol.client import Recorder, wait_for
 from tests.speech import silence, speech, to_pcm16
 
@@ -21,23 +22,12 @@ TOKEN = "cluster-token"
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     work = tmp_path_factory.mktemp("cluster")
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    queue = f"redis://127.0.0.1:{redis_port}/0"
+    with redis_server() as queue, _nodes_behind_nginx(tiny_model_dir, work, queue) as nodes:
+        yield nodes
+
+
+@contextlib.contextmanager
+def _nodes_behind_nginx(tiny_model_dir: Path, work: Path, queue: str) -> Iterator[dict]:
     nodes = [
         ServerProcess(
             tiny_model_dir,
@@ -75,8 +65,6 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         nginx.wait(10)
         for node in nodes:
             node.stop()
-        redis.terminate()
-        redis.wait(10)
 
 
 def test_a_supervisor_on_one_node_sees_sessions_streaming_on_another(cluster):

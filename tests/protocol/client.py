@@ -26,9 +26,17 @@ class Recorder:
     def __init__(self, url: str, token: str | None = None, headers: dict[str, str] | None = None):
         self.url = url
         self.events: list[tuple[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() each event arrived
         self.lock = threading.Lock()
         self.sio = socketio.Client(reconnection=False)
-        for name in ("emotion_result", "vad", "error", "session_summary", "session_update"):
+        for name in (
+            "emotion_result",
+            "vad",
+            "error",
+            "session_summary",
+            "session_update",
+            "alert",
+        ):
             self.sio.on(name, self._recorder(name))
         auth = {"token": token} if token else None
         self.sio.connect(
@@ -39,12 +47,17 @@ class Recorder:
         def record(data: Any = None) -> None:
             with self.lock:
                 self.events.append((name, data))
+                self.times.append(time.monotonic())
 
         return record
 
     def of(self, name: str) -> list[Any]:
         with self.lock:
             return [d for n, d in self.events if n == name]
+
+    def received_at(self, name: str) -> list[float]:
+        with self.lock:
+            return [t for (n, _), t in zip(self.events, self.times, strict=True) if n == name]
 
     def call(self, event: str, data: Any = None) -> Any:
         return self.sio.call(event, data, timeout=30)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 import numpy as np
@@ -217,3 +218,29 @@ def test_a_crash_loses_no_result_a_client_has_seen(tiny_model_dir, tmp_path):
     assert status == 200 and {f["seq"] for f in timeline["frames"]} == stored
     assert timeline["summary"]["reason"] == "interrupted"
     proc2.stop()
+
+
+def test_a_token_holder_deletes_an_ended_session_and_the_deletion_is_logged(strict_server):
+    client = Recorder(strict_server.url, token=TOKEN)
+    ack = client.start()
+    path = f"/api/sessions/{ack['session_id']}"
+    client.send(ack["session_id"], to_pcm16(speech()[:16000]))
+    assert strict_server.request(path, token=TOKEN, method="DELETE")[0] == 409  # still open
+    assert strict_server.get(path, token=TOKEN)[0] == 200
+    client.end(ack["session_id"])
+    client.close()
+    assert strict_server.request(path, method="DELETE")[0] == 401  # no token: nothing happens
+    assert strict_server.get(path, token=TOKEN)[0] == 200
+    status, body, _ = strict_server.request(path, token=TOKEN, method="DELETE")
+    assert (status, body) == (204, b"")
+    assert strict_server.get(path, token=TOKEN)[1]["error"]["code"] == "UNKNOWN_SESSION"
+    assert strict_server.request(path, token=TOKEN, method="DELETE")[0] == 404
+    assert all(s["session_id"] != ack["session_id"] for s in _stored(strict_server))
+    deletions = [line for line in strict_server.log().splitlines() if "deleted on request" in line]
+    assert len(deletions) == 1 and ack["session_id"] in deletions[0]
+    assert hashlib.sha256(TOKEN.encode()).hexdigest()[:12] in deletions[0]
+    assert TOKEN not in deletions[0]
+
+
+def _stored(server: ServerProcess) -> list[dict]:
+    return server.get("/api/sessions?limit=1000", token=TOKEN)[1]["sessions"]

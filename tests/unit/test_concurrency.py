@@ -55,7 +55,7 @@ def test_without_native_locks_it_deadlocks():
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=20,
+            timeout=8,
         )
 
 

@@ -222,7 +222,7 @@ def result(seq: int) -> dict:
 
 def test_store_round_trip_and_csv(tmp_path):
     store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime())
-    assert store.start() == [1, 2]
+    assert store.start() == [1, 2, 3]
     assert store.claim(
         "s1",
         source="socketio",
@@ -255,13 +255,46 @@ def test_store_round_trip_and_csv(tmp_path):
     assert Store(str(tmp_path / "t.db"), runtime=ThreadRuntime()).start() == []  # migrated
 
 
+def test_purge_deletes_what_ended_before_the_date_and_leaves_the_rest(tmp_path):
+    from server.cli import main
+
+    db = str(tmp_path / "t.db")
+    store = Store(db, runtime=ThreadRuntime())
+    store.start()
+    day = 86_400.0
+    now = 100 * day
+    sessions = {  # id: (started, ended)
+        "old": (now - 40 * day, now - 40 * day + 60),
+        "recent": (now - 2 * day, now - 2 * day + 60),
+        "open-live": (now - 0.5 * day, None),  # its node runs it: never purged
+        "open-dead": (now - 42 * day, None),
+    }
+    for sid, (started, ended) in sessions.items():
+        store.claim(sid, source="socketio", started_at=started, config={}, model={}, meta={})
+        store.add_result(sid, result(1))
+        if ended is not None:
+            store.close_session(sid, {"results": 1}, ended_at=ended)
+    assert store.flush()
+    assert store.purge(now - 30 * day - 0.5 * day) == 2
+    left = {s["session_id"] for s in store.list_sessions()}
+    assert left == {"recent", "open-live"}
+    store.close()
+    assert main(["purge", "--before", "1970-04-10T00:00:00+00:00", "--db", db]) == 0  # day 99
+    reopened = Store(db, runtime=ThreadRuntime())
+    reopened.start()
+    assert [s["session_id"] for s in reopened.list_sessions()] == ["open-live"]
+    assert reopened.get_session("recent") is None
+    reopened.close()
+    assert main(["purge", "--before", "last tuesday", "--db", db]) == 2
+
+
 def test_the_readme_settings_table_is_the_one_settings_make():
     from pathlib import Path
 
     from server.settings import markdown_table
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate it with: python -m server.settings"
+    assert markdown_table() in readme, "regenerate it with: python -m server.settings README.md"
 
 
 def test_reorderer_releases_in_chunk_order_and_fills_stale_gaps():

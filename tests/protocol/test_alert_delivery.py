@@ -1,0 +1,139 @@
+"""Alerts end to end: rules over a live session, to its room, the monitor, the store, the metrics
+and two webhooks — one that answers and one that never does."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.harness import ROOT, Receiver, ServerProcess
+from tests.protocol.client import Recorder, wait_for
+from tests.protocol.conftest import TOKEN
+from tests.speech import silence, speech, to_pcm16
+
+pytestmark = pytest.mark.protocol
+SECRET = "webhook-secret-for-tests"
+CALM = {"pitch": 40, "speed": 150, "amplitude": 60}
+STRESSED = {"pitch": 80, "speed": 230, "amplitude": 180}
+RULES = {
+    "rules": [
+        {"name": "high_stress", "when": "stress.prosodic_index >= 50", "for_s": 2},
+        # always true: fires on the first result, resolves when the session ends
+        {"name": "angry", "when": "scores.angry >= 0", "severity": "critical"},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def alerting(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, Receiver, Receiver]]:
+    work = tmp_path_factory.mktemp("alerts")
+    (work / "rules.yml").write_text(yaml.safe_dump(RULES))
+    good, hung = Receiver(), Receiver(hang=True)
+    proc = ServerProcess(
+        tiny_model_dir,
+        work,
+        f"--alert-rules={work / 'rules.yml'}",
+        f"--alert-webhook={hung.url}",
+        f"--alert-webhook={good.url}",
+        f"--alert-webhook-secret={SECRET}",
+        "--alert-webhook-timeout-s=30",
+        env={"VOXAFFECT_API_TOKENS": TOKEN},  # monitoring needs a token
+    ).start()
+    yield proc, good, hung
+    proc.stop()
+    good.close()
+    hung.close()
+
+
+def test_calm_then_stressed_speech_fires_one_alert_at_the_stressed_part_and_it_resolves(alerting):
+    server, good, hung = alerting
+    supervisor = Recorder(server.url, token=TOKEN)
+    supervisor.call("subscribe", {})
+    calm, stressed, pause = speech(**CALM), speech(**STRESSED), silence(0.4)
+    parts = [calm, pause, calm, pause, stressed, pause, stressed, pause, calm, pause, calm, pause]
+    stressed_from = sum(p.size for p in parts[:4]) / 16000
+    stressed_to = sum(p.size for p in parts[:7]) / 16000
+    client = Recorder(server.url, token=TOKEN)
+    sid = client.start()["session_id"]
+    client.stream(sid, to_pcm16(np.concatenate([*parts, calm])), speed=3.0)
+    summary = client.end(sid)
+    client.close()
+
+    mine = [a for a in client.of("alert") if a["rule"] == "high_stress"]
+    assert [a["state"] for a in mine] == ["firing", "resolved"]
+    fired, resolved = mine
+    assert fired["id"] == resolved["id"] and fired["session_id"] == sid
+    # for_s (2 s) after the stress begins, give or take half a 2 s window, never in the calm
+    assert stressed_from - 1.0 <= fired["fired_audio_s"] - 2.0 <= stressed_from + 1.0
+    assert resolved["resolved_by"] == "cleared" and resolved["resolved_audio_s"] > stressed_to
+    assert resolved["peak"] >= 50 and resolved["seqs"] and "random_weights" not in resolved
+    results = {r["seq"]: r for r in client.of("emotion_result")}
+    assert all(results[s]["stress"]["prosodic_index"] >= 50 for s in fired["seqs"])
+    # the model has random weights: an alert on its scores says so
+    angry = [a for a in client.of("alert") if a["rule"] == "angry"]
+    assert [a["state"] for a in angry] == ["firing"] and angry[0]["random_weights"] is True
+
+    # supervisors got the same alerts
+    # supervisors got the same alerts, and the end of the one still active when the session ended
+    # (the session's own room closes with its summary)
+    wait_for(lambda: len(_of(supervisor, sid)) == 4, 10, "monitor alerts")
+    ended = [a for a in _of(supervisor, sid) if a["rule"] == "angry"][-1]
+    assert ended["state"] == "resolved" and ended["resolved_by"] == "session ended"
+    supervisor.close()
+    # stored with the session, listed recent, counted
+    stored = server.get(f"/api/sessions/{sid}", token=TOKEN)[1]
+    assert sorted((a["rule"], a["state"]) for a in stored["alerts"]) == [
+        ("angry", "resolved"),
+        ("high_stress", "resolved"),
+    ]
+    listed = server.get("/api/alerts?severity=warning", token=TOKEN)[1]["alerts"]
+    assert fired["id"] in {a["id"] for a in listed}
+    assert all(a["severity"] == "warning" for a in listed)
+    assert server.get("/api/alerts?severity=dire", token=TOKEN)[0] == 400
+    assert server.metric("voxaffect_alerts_total", rule="high_stress", severity="warning") == 1
+
+    # the answering webhook got both, signed; the hung one held its first delivery throughout
+    wait_for(lambda: _deliveries(good, fired["id"]) == 2, 20, "both webhook deliveries")
+    assert {json.loads(b)["event"] for _, b in good.got} == {"alert.firing", "alert.resolved"}
+    for headers, body in good.got:
+        mac = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-Voxaffect-Signature-256"] == f"sha256={mac}"
+    assert len(hung.got) == 1, "the hung receiver's worker waits; nothing else does"
+    # while that delivery hangs (30 s timeout), results keep coming and none is lost
+    later = [t for t in client.received_at("emotion_result") if t > hung.times[0]]
+    assert len(later) >= 3
+    assert summary["superseded"] == 0 and summary.get("failed", 0) == 0
+
+
+def _of(recorder: Recorder, sid: str) -> list[dict]:
+    return [a for a in recorder.of("alert") if a["session_id"] == sid]
+
+
+def _deliveries(receiver: Receiver, alert_id: str) -> int:
+    return sum(json.loads(body)["alert"]["id"] == alert_id for _, body in receiver.got)
+
+
+def test_a_bad_rules_file_stops_the_server_at_once_naming_the_rule(tmp_path):
+    bad = tmp_path / "rules.yml"
+    bad.write_text("rules:\n  - name: loud\n    when: stress.index >> 50\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--alert-rules", str(bad), "--port", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "rule 1 (loud): when: 'stress.index >> 50'" in out.stderr
+    assert "Traceback" not in out.stderr
