@@ -40,7 +40,7 @@ def hostile(
 
 @pytest.fixture(scope="session")
 def healthy_audio() -> bytes:
-    """About 9 s of speech with pauses, sent at three times real time by the healthy stream."""
+    """About 9 s of speech with pauses, sent at twice real time by the healthy stream."""
     return to_pcm16(
         np.concatenate([silence(0.3), speech(), silence(0.5), speech(pitch=60)[:32000]])
     )
@@ -78,7 +78,7 @@ class Healthy:
         ]
 
     def _stream(self) -> None:
-        self.outcome = stream_once(self.server.url, self.pcm, speed=3.0)
+        self.outcome = stream_once(self.server.url, self.pcm, speed=2.0)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
