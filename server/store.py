@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 _ADVISORY_LOCK = 7_300_511  # PostgreSQL: one node migrates at a time
-DEPENDENT_TABLES = ("results", "alerts")  # rows keyed by session_id, deleted with their session
+DEPENDENT_TABLES = ("results", "alerts")
+_INSERT_SESSION = (
+    "INSERT INTO sessions (id, source, started_at, config, model, meta, node) "
+    "VALUES (:id, :source, :started_at, :config, :model, :meta, :node)"
+)  # rows keyed by session_id, deleted with their session
 
 
 def database_url(db: str) -> str:
@@ -208,9 +212,7 @@ class Store:
     ) -> None:
         """Record a session whose id :meth:`claim` could not reserve (database unreachable)."""
         self._put(
-            "INSERT INTO sessions (id, source, started_at, config, model, meta, node) "
-            "VALUES (:id, :source, :started_at, :config, :model, :meta, :node) "
-            "ON CONFLICT (id) DO NOTHING",
+            _INSERT_SESSION + " ON CONFLICT (id) DO NOTHING",
             self._session_row(session_id, source, started_at, config, model, meta),
             then,
         )
@@ -422,10 +424,7 @@ class Store:
         try:
             with self._db_lock, self._engine.begin() as conn:
                 conn.execute(
-                    sa.text(
-                        "INSERT INTO sessions (id, source, started_at, config, model, meta, node) "
-                        "VALUES (:id, :source, :started_at, :config, :model, :meta, :node)"
-                    ),
+                    sa.text(_INSERT_SESSION),
                     row,
                 )
         except sa.exc.IntegrityError:
