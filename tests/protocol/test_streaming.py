@@ -111,7 +111,8 @@ def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(s
 def test_inference_never_blocks_another_clients_round_trip(gated):
     """The model is kept busy 1.5 s per batch (tests/gates.py) while another client pings."""
     server, gate = gated
-    gate.slow(1.5)
+    busy_s = 1.5
+    gate.slow(busy_s)
     streamer, pinger = Recorder(server.url), Recorder(server.url)
     sid = streamer.start()["session_id"]
     pings: list[float] = []
@@ -134,21 +135,33 @@ def test_inference_never_blocks_another_clients_round_trip(gated):
     )
     stop.set()
     thread.join()
-    assert min(r["latency_ms"] for r in results) >= 1500  # the model was busy all along
+    assert min(r["latency_ms"] for r in results) >= busy_s * 1000  # the model was busy all along
     assert len(pings) > 50
+    # Inference on the hub would hold a ping for a whole batch; a busy machine delays it far less.
     worst = max(pings)
-    assert worst < 50, f"a ping took {worst:.0f} ms while windows were analysed"
+    assert worst < busy_s * 1000 / 3, f"a ping took {worst:.0f} ms while windows were analysed"
     streamer.close()
     pinger.close()
 
 
+def _eventlets_unmasking_ms(frame: bytes) -> float:
+    from eventlet.websocket import RFC6455WebSocket
+
+    started = time.perf_counter()
+    RFC6455WebSocket._apply_mask(frame, (1, 2, 3, 4))
+    return (time.perf_counter() - started) * 1000
+
+
 @pytest.mark.smoke
 def test_a_megabyte_chunk_never_blocks_another_clients_round_trip(server):
-    """The hub unmasks every WebSocket frame: a 1 MB chunk once held every client ~450 ms."""
+    """The hub unmasks every WebSocket frame: eventlet's byte loop held every client while it
+    unmasked a 1 MB chunk. A ping must take less than half of what that loop costs on this machine,
+    measured here and now, so a slow or busy CPU moves both sides of the comparison."""
     sender, pinger = Recorder(server.url), Recorder(server.url)
     sid = sender.start()["session_id"]
     chunk = to_pcm16(np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32) * 0.1)
     assert 0.9e6 < len(chunk) <= 1024 * 1024  # just under the default chunk limit
+    byte_loop_ms = _eventlets_unmasking_ms(chunk)
     worst = 0.0
 
     def send(done: threading.Event) -> None:
@@ -169,7 +182,10 @@ def test_a_megabyte_chunk_never_blocks_another_clients_round_trip(server):
             pinger.call("ping", {})
             worst = max(worst, (time.perf_counter() - t0) * 1000)
         thread.join()
-    assert worst < 50, f"a ping took {worst:.0f} ms while 1 MB chunks arrived"
+    assert worst < byte_loop_ms / 2, (
+        f"a ping took {worst:.0f} ms while 1 MB chunks arrived "
+        f"(eventlet's own unmasking of one takes {byte_loop_ms:.0f} ms here)"
+    )
     sender.close()
     pinger.close()
 
