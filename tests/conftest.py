@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,20 @@ def tiny_model(tiny_model_dir: Path):
     from engine.model import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="fp32", threads=2)
+
+
+EVENTLET_REFUSED = (
+    "eventlet was imported into the test process: socketserver-based receivers here then stop "
+    "answering some requests. Run eventlet code with tests.harness.under_eventlet."
+)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if "eventlet" in sys.modules:
+        raise pytest.UsageError(EVENTLET_REFUSED)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    if "eventlet" in sys.modules:
+        pytest.fail(f"{item.nodeid}: {EVENTLET_REFUSED}")

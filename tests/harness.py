@@ -22,6 +22,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def under_eventlet(
+    script: str, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter. eventlet is never imported into the test process:
+    once it is, socketserver-based receivers there stop answering some requests (tests/conftest.py
+    refuses it)."""
+    return subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,8 +217,7 @@ class Receiver:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.timeout = 0.05
         self.server.daemon_threads = True
-        # handle_request in a loop rather than serve_forever/shutdown, whose Event a test module
-        # that imports eventlet's websocket code can leave waiting forever
+        # handle_request in a loop, so close() never waits on serve_forever's shutdown handshake
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:

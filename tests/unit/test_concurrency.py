@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 
-import numpy as np
 import pytest
-from eventlet.websocket import RFC6455WebSocket
 
-from server.runtime import websocket_unmask
-from tests.harness import ROOT
+from tests.harness import under_eventlet
 
 pytestmark = pytest.mark.unit
 
 SCRIPT = textwrap.dedent(
     """
-    import warnings
-    warnings.filterwarnings("ignore")
     import eventlet
     eventlet.monkey_patch()
     import sys
@@ -37,29 +31,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(mode: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-
-
-def test_concurrent_g711_decoding_on_native_threads_completes():
-    assert run("fixed").stdout.strip() == "done"
-
-
-def test_without_native_locks_it_deadlocks():
-    """The failure the fix prevents (it hangs; a short timeout catches it)."""
-    with pytest.raises(subprocess.TimeoutExpired):
-        subprocess.run(
-            [sys.executable, "-c", SCRIPT, "green"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=8,
-        )
-
-
-def test_websocket_unmask_matches_eventlets_own_at_every_offset():
+UNMASK = textwrap.dedent(
+    """
+    import numpy as np
+    from eventlet.websocket import RFC6455WebSocket
+    from server.runtime import websocket_unmask
     rng = np.random.default_rng(0)
     for size in (0, 1, 3, 4, 5, 127, 32768):
         data = rng.integers(0, 256, size + 6, dtype=np.uint8).tobytes()
@@ -67,4 +43,23 @@ def test_websocket_unmask_matches_eventlets_own_at_every_offset():
         for offset in range(6):
             for length in (None, size):
                 expected = RFC6455WebSocket._apply_mask(data, mask, length, offset)
-                assert websocket_unmask(data, mask, length, offset) == expected
+                if websocket_unmask(data, mask, length, offset) != expected:
+                    print("differs", size, offset, length)
+    print("checked")
+    """
+)
+
+
+def test_concurrent_g711_decoding_on_native_threads_completes():
+    assert under_eventlet(SCRIPT, "fixed").stdout.strip() == "done"
+
+
+def test_without_native_locks_it_deadlocks():
+    """The failure the fix prevents (it hangs; a short timeout catches it)."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        under_eventlet(SCRIPT, "green", timeout=8)
+
+
+def test_websocket_unmask_matches_eventlets_own_at_every_offset():
+    out = under_eventlet(UNMASK)
+    assert out.stdout.splitlines() == ["checked"], out.stdout + out.stderr
