@@ -35,8 +35,8 @@ lint: setup
 	$(BIN)/ruff format --check engine server tests bench
 	$(BIN)/mypy
 
-test: system setup lint  ## every tier but the image install check (about 11 minutes on 2 cores)
-	$(BIN)/python -m pytest -m "not image" --durations=10 $(PYTEST_ARGS)
+test: system setup lint  ## every tier but the image install check, two workers (a file stays on one)
+	$(BIN)/python -m pytest -m "not image" -n 2 --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 test-image: setup  ## the Dockerfile's install steps in a fresh venv (2 min; CI: when they change)
 	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
