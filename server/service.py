@@ -36,6 +36,9 @@ from server.settings import Settings
 from server.store import Store, redacted
 
 log = logging.getLogger(__name__)
+# How long a restarted node waits for the sessions its previous run left open to be committed as
+# interrupted before it says it is ready (a busy database or CPU can take seconds)
+RECOVERY_FLUSH_S = 30.0
 
 WrapPredictor = Callable[[Predictor], Predictor]
 
@@ -168,9 +171,12 @@ class Service:
             summary = wire.summary_of_stored(stored, "interrupted")
             self.store.close_session(session_id, summary, ended_at=time.time())
             closed += 1
-        if closed:
-            self.store.flush()
-            log.warning("closed sessions a previous run left open", extra={"sessions": closed})
+        if closed:  # committed before the node says it is ready: readers see them closed
+            committed = self.store.flush(timeout_s=RECOVERY_FLUSH_S)
+            log.warning(
+                "closed sessions a previous run left open",
+                extra={"sessions": closed, "committed": committed},
+            )
         return closed
 
     def describe_store(self) -> dict[str, Any]:

@@ -384,8 +384,9 @@ class Store:
             self._on_error("dropped")
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every queued write is committed (blocking: offload it from the hub)."""
-        return bool(self._idle.wait(timeout_s))
+        """Wait until every queued write is committed; False if that took longer than
+        ``timeout_s``. The wait is offloaded: on the hub, the writer must run meanwhile."""
+        return bool(self._runtime.offload(self._idle.wait, timeout_s))
 
     # --- claims and reads (blocking) ---------------------------------------------------------
 

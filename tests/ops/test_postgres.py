@@ -136,8 +136,9 @@ def test_node_b_serves_the_full_timeline_of_a_session_node_a_ran_until_it_was_ki
     assert again.call("start_session", {"session_id": sid})["error"]["code"] == "SESSION_EXISTS"
     again.close()
     # node A, back on its feet, closes the session it was running as interrupted
-    a.start()  # same port: the same node
+    a.start()  # same port: the same node; ready once that is committed
     status, timeline = b.get(f"/api/sessions/{sid}", token=TOKEN)
+    assert timeline["summary"] is not None, "node A said it was ready with the call still open"
     assert timeline["summary"]["reason"] == "interrupted"
     assert {f["seq"] for f in timeline["frames"]} == stored.keys()
 

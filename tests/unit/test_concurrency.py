@@ -31,6 +31,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
+STORE_FLUSH = textwrap.dedent(
+    """
+    import eventlet
+    eventlet.monkey_patch()
+    import sys
+    from server.runtime import EventletRuntime
+    from server.store import Store
+    store = Store(sys.argv[1], runtime=EventletRuntime())
+    store.start()
+    store.close_session("s", {}, ended_at=0.0)
+    print("flushed" if store.flush(timeout_s=3.0) else "timed out")
+    """
+)
+
 UNMASK = textwrap.dedent(
     """
     import numpy as np
@@ -58,6 +72,13 @@ def test_without_native_locks_it_deadlocks():
     """The failure the fix prevents (it hangs; a short timeout catches it)."""
     with pytest.raises(subprocess.TimeoutExpired):
         under_eventlet(SCRIPT, "green", timeout=8)
+
+
+def test_a_store_flushed_from_the_hub_lets_its_writer_run(tmp_path):
+    """The writer is a greenthread: a flush that blocked the hub (at a restart's recovery, at
+    shutdown) waited out its timeout with the write still queued."""
+    out = under_eventlet(STORE_FLUSH, str(tmp_path / "t.db"))
+    assert out.stdout.strip() == "flushed", out.stdout + out.stderr
 
 
 def test_websocket_unmask_matches_eventlets_own_at_every_offset():
