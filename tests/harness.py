@@ -37,10 +37,37 @@ def under_eventlet(
     )
 
 
+def _port_slice() -> range:
+    """This process's ports: below the kernel's ephemeral range, split between xdist workers.
+    A port from the ephemeral range (what binding port 0 gives) can be handed to an outgoing
+    connection in the seconds before a server binds it (that failed a server's start)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    base = min(10000, low // 2)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    span = (low - base) // max(workers, 1)
+    return range(base + worker * span, base + (worker + 1) * span)
+
+
+_PORTS = _port_slice()
+_next_port = _PORTS.start + os.getpid() % len(_PORTS)  # runs one after another start apart
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody is bound to, never handed out twice by this process."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port, _next_port = _next_port, _PORTS.start + (_next_port + 1 - _PORTS.start) % len(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 class ServerProcess:
