@@ -89,10 +89,12 @@ class SessionFactory:
         parties: list[str | None] | None = None,
         meta: dict[str, Any] | None = None,
         owner: str | None = None,
+        connection: Any = None,
         embeddings: bool = False,
     ) -> SessionRunner:
         """A new live session with its runner started. Raises ProtocolError (INVALID_MESSAGE,
-        SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened."""
+        SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened. ``owner`` and ``connection``
+        are set before the session can be found, so a takeover can never miss them."""
         if session_id is None:
             session_id = self.registry.new_id()
         elif not valid_id(session_id):
@@ -111,6 +113,7 @@ class SessionFactory:
                 embeddings=embeddings,
                 meta=dict(meta or {}),
                 owner=owner,
+                connection=connection,
                 started=now,
                 last_audio=now,
             )

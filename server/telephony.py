@@ -316,11 +316,11 @@ class CallStream:
                 session_id=call_id,
                 parties=list(analysed),
                 meta=meta,
+                connection=self,
             )
         except ProtocolError as exc:
             self.fault("duplicate_call" if exc.code == "SESSION_EXISTS" else "refused", exc.message)
             raise Refused(exc.message) from None
-        runner.session.connection = self
         self.runner = runner
         log.info(
             "call started",

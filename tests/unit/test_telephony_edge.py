@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from simple_websocket import ConnectionClosed
 
-from server.events import Result
+from server.events import Result, Started
 from server.factory import SessionFactory
 from server.metrics import Metrics
 from server.runtime import ThreadRuntime
@@ -56,8 +56,24 @@ class ScriptedSocket:
         self.closed_with = (reason or 1000, message or "")
 
 
+class HeldStart(Recorder):
+    """Publishing a session's ``Started`` waits until the test releases it: the session is
+    registered, and whoever opened it has not yet returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, event: object) -> None:
+        if isinstance(event, Started):
+            self.entered.set()
+            assert self.release.wait(WAIT_S), "the test never released the start"
+        super().__call__(event)
+
+
 class World:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, events: Recorder | None = None) -> None:
         self.now = [1000.0]
         clock = lambda: self.now[0]  # noqa: E731
         self.settings = Settings(db=str(tmp / "calls.db"), call_rejoin_s=10.0)
@@ -65,7 +81,7 @@ class World:
         self.registry = SessionRegistry(10, clock=clock)
         store = Store(self.settings.db, runtime=runtime)
         store.start()
-        self.events = Recorder()
+        self.events = events or Recorder()
         self.analyse = FakeAnalyse()
         self.metrics = Metrics(LABELS, CollectorRegistry())
         factory = SessionFactory(
@@ -165,3 +181,26 @@ def test_a_dropped_call_waits_to_be_rejoined_then_ends_after_the_rejoin_time(tmp
     assert world.events.ended().reason == "connection dropped"
     assert world.count("takeover") == 1 and world.count("dropped") == 2
     assert json.loads(json.dumps(world.events.ended().summary))["results"] >= 1
+
+
+def test_a_takeover_while_the_first_connection_is_still_opening_the_call_is_a_takeover(tmp_path):
+    # The second start arrives after the session is registered and before the first connection's
+    # open returns. The call must still belong to the second connection: the first one closes,
+    # and the second one's stop ends the call.
+    held = HeldStart()
+    world = World(tmp_path, events=held)
+    first_msgs, second_msgs = call_audio(2.0), call_audio(3.0)
+    first = world.connect()
+    first.send(*first_msgs[:-2])
+    assert held.entered.wait(WAIT_S)
+    second = world.connect()
+    second.send(*second_msgs[1:])
+    for _ in range(WAIT_S * 100):
+        if world.count("takeover"):
+            break
+        threading.Event().wait(0.01)
+    held.release.set()
+    assert first.done.wait(WAIT_S), "the first connection never learnt of the takeover"
+    assert second.done.wait(WAIT_S)
+    assert first.closed_with == (1000, "another connection took this call over")
+    assert world.events.ended().reason == "call ended" and world.count("takeover") == 1
