@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import textwrap
 
 import pytest
@@ -15,12 +14,10 @@ SCRIPT = textwrap.dedent(
     """
     import eventlet
     eventlet.monkey_patch()
-    import sys
     from engine.audio import AudioFormat, decode_chunk
     from server.runtime import EventletRuntime
     runtime = EventletRuntime()
-    if sys.argv[1] == "fixed":
-        runtime.install()
+    runtime.install()
     fmt = AudioFormat("mulaw", 8000, 1)
     pool = eventlet.GreenPool(16)
     for _ in range(3000):
@@ -30,6 +27,40 @@ SCRIPT = textwrap.dedent(
     """
 )
 
+
+CONTENDED = textwrap.dedent(
+    """
+    import eventlet
+    eventlet.monkey_patch()
+    import sys
+    import soundfile
+    from eventlet.patcher import original
+    from server.runtime import EventletRuntime
+    runtime = EventletRuntime()
+    if sys.argv[1] == "fixed":
+        runtime.install()
+    lock = soundfile.SoundFile._sf_error_lock
+    native = original("threading")
+    held, trying, release, acquired = (native.Event() for _ in range(4))
+    def holder():
+        with lock:
+            held.set()
+            release.wait()
+    def contender():
+        held.wait()
+        trying.set()
+        with lock:
+            acquired.set()
+    native.Thread(target=holder, daemon=True).start()
+    native.Thread(target=contender, daemon=True).start()
+    trying.wait()
+    waiters = getattr(lock, "_waiters", None)
+    while waiters is not None and not waiters:  # green: release once the contender waits
+        original("time").sleep(0.001)
+    release.set()
+    print("acquired" if acquired.wait(float(sys.argv[2])) else "stuck")
+    """
+)
 
 STORE_FLUSH = textwrap.dedent(
     """
@@ -41,7 +72,7 @@ STORE_FLUSH = textwrap.dedent(
     store = Store(sys.argv[1], runtime=EventletRuntime())
     store.start()
     store.close_session("s", {}, ended_at=0.0)
-    print("flushed" if store.flush(timeout_s=3.0) else "timed out")
+    print("flushed" if store.flush(timeout_s=30.0) else "timed out")  # the defect: never
     """
 )
 
@@ -65,13 +96,20 @@ UNMASK = textwrap.dedent(
 
 
 def test_concurrent_g711_decoding_on_native_threads_completes():
-    assert under_eventlet(SCRIPT, "fixed").stdout.strip() == "done"
+    assert under_eventlet(SCRIPT).stdout.strip() == "done"
 
 
-def test_without_native_locks_it_deadlocks():
-    """The failure the fix prevents (it hangs; a short timeout catches it)."""
-    with pytest.raises(subprocess.TimeoutExpired):
-        under_eventlet(SCRIPT, "green", timeout=8)
+@pytest.mark.parametrize(
+    ("locks", "wait_s", "outcome"), [("green", 3, "stuck"), ("fixed", 60, "acquired")]
+)
+def test_a_native_thread_waiting_for_soundfiles_lock_wakes_only_if_it_is_native(
+    locks, wait_s, outcome
+):
+    """The failure install() prevents, forced: one native thread holds soundfile's lock while
+    another waits on it. A green lock's release never wakes the waiter (it hung the server);
+    ``wait_s`` only bounds how long the test watches a waiter that will not wake."""
+    out = under_eventlet(CONTENDED, locks, str(wait_s))
+    assert out.stdout.strip() == outcome, out.stdout + out.stderr
 
 
 def test_a_store_flushed_from_the_hub_lets_its_writer_run(tmp_path):
