@@ -23,6 +23,7 @@ from server.telephony import TelephonyEdge
 from tests import LABELS
 from tests.calls import at_8k, mulaw, twilio_messages
 from tests.fakes import WAIT_S, FakeAnalyse, Recorder
+from tests.protocol.client import wait_for
 from tests.speech import speech
 
 pytestmark = pytest.mark.unit
@@ -120,13 +121,7 @@ class World:
         return value or 0.0
 
     def wait_live(self, call_id: str):
-        runner = None
-        for _ in range(WAIT_S * 100):
-            runner = self.registry.get(call_id)
-            if runner is not None:
-                return runner
-            threading.Event().wait(0.01)
-        raise AssertionError(f"call {call_id} never opened")
+        return wait_for(lambda: self.registry.get(call_id), WAIT_S, f"call {call_id} to open")
 
 
 def call_audio(seconds: float) -> list[str]:
@@ -165,10 +160,7 @@ def test_a_dropped_call_waits_to_be_rejoined_then_ends_after_the_rejoin_time(tmp
     world.now[0] += 5.0  # within call_rejoin_s: the media server reconnects
     second = world.connect()
     second.send(msgs[1], *msgs[2:12])
-    for _ in range(WAIT_S * 100):
-        if runner.session.connection is not None:
-            break
-        threading.Event().wait(0.01)
+    wait_for(lambda: runner.session.connection is not None, WAIT_S, "the rejoin")
     assert runner.session.disconnected_at is None
     second.drop()
     assert second.done.wait(WAIT_S)
@@ -195,10 +187,7 @@ def test_a_takeover_while_the_first_connection_is_still_opening_the_call_is_a_ta
     assert held.entered.wait(WAIT_S)
     second = world.connect()
     second.send(*second_msgs[1:])
-    for _ in range(WAIT_S * 100):
-        if world.count("takeover"):
-            break
-        threading.Event().wait(0.01)
+    wait_for(lambda: world.count("takeover"), WAIT_S, "the takeover")
     held.release.set()
     assert first.done.wait(WAIT_S), "the first connection never learnt of the takeover"
     assert second.done.wait(WAIT_S)
