@@ -135,6 +135,8 @@ def test_a_new_connection_takes_the_call_over_and_the_old_ones_close_ends_nothin
     first = world.connect()
     first.send(*first_msgs[:-2])  # start and 2 s of media; the connection then hangs
     runner = world.wait_live("CAcall")
+    # all of it received before the takeover, which stops the first connection's reading
+    wait_for(lambda: runner.session.audio_s == pytest.approx(2.0), WAIT_S, "the first 2 s")
     second = world.connect()
     second.send(*second_msgs[1:])  # start (same callSid), 3 s of media, dtmf, stop
     assert first.done.wait(WAIT_S) and second.done.wait(WAIT_S)
