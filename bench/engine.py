@@ -36,7 +36,7 @@ from engine import SAMPLE_RATE
 from engine.audio import resample
 from engine.batcher import InferenceBatcher
 from engine.funasr_compat import import_funasr, quiet_funasr
-from engine.lanes import Lanes
+from engine.lanes import Lane
 from engine.model import load_model
 
 WINDOW_S = 2.0
@@ -150,11 +150,12 @@ def candidate(
     cores: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """The engine's serving path: every window submitted to an InferenceBatcher at once."""
+    """The engine's serving path: every window submitted to an InferenceBatcher at once, with
+    ``lanes`` workers of ``cores // lanes`` torch threads each."""
     gc.collect()  # free the previous candidate's model first
     model = load_model(model_dir, device="cpu", dtype=dtype, threads=cores)
     batcher = InferenceBatcher(
-        Lanes(model, lanes=lanes, cpu_threads=cores), max_batch=batch, max_wait_ms=5
+        Lane(model, threads=max(1, cores // lanes)), max_batch=batch, max_wait_ms=5, lanes=lanes
     )
 
     def run_all() -> np.ndarray:

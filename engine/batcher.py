@@ -1,28 +1,48 @@
-"""One worker owns the model: it batches windows from every session and resolves each request.
+"""One scheduler owns the model: live windows by deadline and fairly across tracks, whole-file
+windows in idle time, on ``lanes`` workers that each run one batch at a time.
 
-Only the batcher's worker may call the predictor; nothing else touches the model. The worker
-takes the first waiting request, collects more for up to ``max_wait_ms`` or until ``max_batch``,
-splits them by window length (equal lengths stack without padding, which would change the
-output), runs each group in one call and resolves every request's future. An error reaches every
-request of the failed group; the worker carries on with the next. The predictor must return one
-row per input, or the group fails.
+Only the batcher's workers may call the predictor; nothing else touches the model. A worker that
+is free builds its next batch, runs it in one call and resolves every request's future. An error
+reaches every request of the failed batch; the worker carries on with the next. The predictor
+must return one row per input, or the batch fails. Equal lengths stack without padding (padding
+would change the output), so a batch holds windows of one length.
 
-Requests have a priority. ``live`` windows (streams a person is waiting on) always go first;
-``bulk`` windows (whole-file analysis) run only when no live window waits, in batches of at most
-``bulk_max_batch``, so a live window that arrives meanwhile waits for one small batch at most.
+Real time is a deadline, not a queue. A ``live`` request carries the clock time by which its
+result is due (its audio's arrival plus the latency budget). When a worker is free, any live
+request that could no longer be answered in time — now + the expected batch time + ``slack_s``
+for delivery > its deadline — is not computed: its future raises :class:`WindowExpired`. Work
+that still fits is never dropped. A track's windows are due at least one service time apart:
+when a window joins earlier ones of its track that still wait, its deadline is at least theirs
+plus the time a window takes (over all lanes), since a burst of windows cannot be answered at
+once. So a catch-up burst on an idle server is analysed whole, and under load its later windows
+are the first to go.
 
-Device fallback and CPU lanes are predictor wrappers (engine/fallback.py, engine/lanes.py).
+Live requests are grouped by ``key`` (a track). A key's requests run in the order they came;
+across keys, the next request is the head of the key served longest ago (round robin; a key
+never served goes first, the earliest deadline first among those), so under overload every track
+thins evenly instead of first come, first served. Turns count service, not demand: a key whose
+window expired unserved keeps its place for the next turn (tie-breaking by deadline alone would
+hand every contest to the streams whose audio happens to arrive a few milliseconds earlier).
+``bulk`` requests (whole-file analysis) have no deadline and run only when no live request
+waits, in batches of at most ``bulk_max_batch``, so a live window that arrives meanwhile waits
+for one small batch at most.
+
+The batcher measures what it serves: the expected time of a batch of each size (a moving
+average, seeded by the tuner's measurement), the capacity that follows (windows a second over all
+lanes) and the live demand (windows due a second), so a server can report its headroom.
+Device fallback and CPU threads are predictor wrappers (engine/fallback.py, engine/lanes.py).
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +52,12 @@ from engine.lanes import Predictor
 log = logging.getLogger(__name__)
 
 PRIORITIES = ("live", "bulk")
+SERVICE_SAMPLES = 9  # recent batches the expected batch time is the median of
+PROBE_AFTER_S = 1.0  # no batch this long: the next window runs, however slow it looks
+DEMAND_WINDOW_S = 10.0  # live demand is measured over this much recent time
+KEY_IDLE_S = 10.0  # a key with nothing waiting for this long leaves the rotation
+LIVE_QUEUE_MAX = 512  # live windows waiting at most (64 MB of 2 s windows): beyond, the most
+# overdue goes; the deadlines keep the queue far shorter than this in any real load
 
 
 class BatchObserver(Protocol):
@@ -61,6 +87,14 @@ class InferenceResult:
     inference_s: float
 
 
+class BatcherClosed(RuntimeError):
+    pass
+
+
+class WindowExpired(Exception):
+    """A live window that could no longer be answered by its deadline; it was not computed."""
+
+
 @dataclass(slots=True)
 class _Request:
     window: np.ndarray
@@ -68,10 +102,49 @@ class _Request:
     priority: str
     future: Future[InferenceResult]
     submitted: float
+    deadline: float  # clock time its result is due by (inf: none)
+    key: Hashable
+    on_start: Callable[[], None] | None
 
 
-class BatcherClosed(RuntimeError):
-    pass
+@dataclass(slots=True)
+class _Key:
+    """One key's waiting live requests, in order, and when it was last served."""
+
+    waiting: deque[_Request] = field(default_factory=deque)
+    turn: int = -1  # the batcher's count of takes when this key was last served; -1: never
+    served_at: float = float("-inf")  # clock time of that take
+
+
+class ServiceTime:
+    """Expected seconds of a batch of each size: the median of the last few batches of that
+    size, else the median per window times the size; the tuner's measurement fills the record
+    to begin with. A median, because a few stalled batches (a swapped page, a GPU hiccup) must
+    not make every later window look too slow to make its deadline."""
+
+    def __init__(self, seconds_per_window: float) -> None:
+        seed = max(seconds_per_window, 1e-4)
+        self._per_window: deque[float] = deque([seed] * SERVICE_SAMPLES, maxlen=SERVICE_SAMPLES)
+        self._by_size: dict[int, deque[float]] = {}
+
+    @property
+    def per_window(self) -> float:
+        return statistics.median(self._per_window)
+
+    def expected(self, size: int) -> float:
+        seen = self._by_size.get(size)
+        if seen is not None and len(seen) >= 3:
+            return statistics.median(seen)
+        return self.per_window * size
+
+    def observe(self, size: int, seconds: float) -> None:
+        """A batch's time. One under half the expected starts the record afresh: the slow
+        spell is over (a probe after it, say), and windows should not keep expiring for it."""
+        if seconds < 0.5 * self.expected(size):
+            self._per_window.clear()
+            self._by_size.clear()
+        self._by_size.setdefault(size, deque(maxlen=SERVICE_SAMPLES)).append(seconds)
+        self._per_window.append(seconds / size)
 
 
 class InferenceBatcher:
@@ -82,117 +155,288 @@ class InferenceBatcher:
         max_batch: int = 8,
         max_wait_ms: float = 10.0,
         bulk_max_batch: int = 2,
+        lanes: int = 1,
+        seconds_per_window: float = 0.1,
+        slack_s: float = 0.0,
         observer: BatchObserver | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_batch < 1 or bulk_max_batch < 1:
-            raise ValueError(f"batch sizes must be at least 1, got {max_batch}, {bulk_max_batch}")
+        if max_batch < 1 or bulk_max_batch < 1 or lanes < 1:
+            raise ValueError(
+                f"batch sizes and lanes must be at least 1, got {max_batch}, {bulk_max_batch}, "
+                f"{lanes}"
+            )
         self.predictor = predictor
         self.max_batch = max_batch
         self.bulk_max_batch = min(bulk_max_batch, max_batch)
         self.max_wait_s = max_wait_ms / 1000.0
+        self.lanes = lanes
+        self.slack_s = slack_s
+        self.service = ServiceTime(seconds_per_window)
         self._observer: BatchObserver = observer or _NoObserver()
         self._clock = clock
-        self._queues: dict[str, deque[_Request]] = {p: deque() for p in PRIORITIES}
+        self._keys: dict[Hashable, _Key] = {}
+        self._live = 0  # live requests waiting, over every key
+        self._bulk: deque[_Request] = deque()
+        self._turns = 0  # live requests taken so far: orders keys by when they were served
+        self._busy = 0  # lanes inside the model now
+        self._last_done = float("-inf")  # clock time the last batch ended
+        self._due: deque[float] = deque()  # submit times of live requests, last DEMAND_WINDOW_S
         self._cond = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="voxaffect-batcher", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"voxaffect-batcher-{i}", daemon=True)
+            for i in range(lanes)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # --- the callers' side ---------------------------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._live + len(self._bulk)
+
+    @property
+    def capacity_windows_per_s(self) -> float:
+        """Windows a second every lane together can analyse, as batches take now."""
+        return self.lanes / self.service.per_window
+
+    def demand_windows_per_s(self) -> float:
+        """Live windows submitted a second, over the last ``DEMAND_WINDOW_S``."""
+        with self._cond:
+            self._forget_demand(self._clock())
+            return len(self._due) / DEMAND_WINDOW_S
 
     def submit(
-        self, window: np.ndarray, *, embeddings: bool = False, priority: str = "live"
+        self,
+        window: np.ndarray,
+        *,
+        embeddings: bool = False,
+        priority: str = "live",
+        deadline: float | None = None,
+        key: Hashable = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Future[InferenceResult]:
+        """Queue one window. ``deadline`` (live only): clock time its result is due by.
+        ``key``: the track it belongs to (fairness and order). ``on_start``: called once a
+        worker takes the request into a batch (not for one that expires)."""
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
         future: Future[InferenceResult] = Future()
+        expired: list[_Request] = []
         with self._cond:
             if self._closed:
                 future.set_exception(BatcherClosed("the inference batcher is closed"))
                 return future
-            self._queues[priority].append(
-                _Request(window, embeddings, priority, future, self._clock())
+            now = self._clock()
+            request = _Request(
+                window,
+                embeddings,
+                priority,
+                future,
+                now,
+                float("inf") if deadline is None or priority == "bulk" else deadline,
+                key,
+                on_start,
             )
+            if priority == "bulk":
+                self._bulk.append(request)
+            else:
+                self._due.append(now)
+                self._forget_demand(now)
+                queue = self._keys.get(key)
+                if queue is None:
+                    queue = self._keys[key] = _Key()
+                elif queue.waiting:  # one service time after the track's last waiting window
+                    spacing = self.service.per_window / self.lanes
+                    request.deadline = max(request.deadline, queue.waiting[-1].deadline + spacing)
+                queue.waiting.append(request)
+                self._live += 1
+                if self._live > LIVE_QUEUE_MAX:
+                    expired.append(self._pop_most_overdue())
             depth = self.queue_depth
             self._cond.notify()
+        self._expire(expired)
         self._observer.queue_changed(depth)
         return future
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Finish what is queued, refuse anything new, and stop the worker."""
+        """Finish what is queued, refuse anything new, and stop the workers."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._worker.join(timeout_s)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
-    # --- worker ---------------------------------------------------------------------------
+    # --- the workers -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            batch, expired = self._next_batch()
+            self._expire(expired)
             if batch is None:
                 return
             # A request its caller gave up on (future cancelled) is dropped, not computed.
             batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
             self._observer.queue_changed(self.queue_depth)
-            groups: dict[int, list[_Request]] = {}
             for request in batch:
-                groups.setdefault(request.window.shape[0], []).append(request)
-            for group in groups.values():
-                self._run_group(group)
+                if request.on_start is not None:
+                    request.on_start()
+            if batch:
+                with self._cond:
+                    self._busy += 1
+                try:
+                    self._run_batch(batch)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
+                        self._last_done = self._clock()
 
-    def _next_batch(self) -> list[_Request] | None:
-        """Live requests (waiting up to max_wait for more), else a small bulk batch; None once
-        closed and drained."""
-        live, bulk = self._queues["live"], self._queues["bulk"]
+    def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
+        """Live requests that can still make their deadlines, chosen fairly (waiting up to
+        max_wait for more while the batch is not full), else a small bulk batch. None once
+        closed and drained; empty when only expired requests were found. Also the live requests
+        that expired meanwhile."""
+        expired: list[_Request] = []
         with self._cond:
-            while not live and not bulk:
+            while True:
+                expired += self._sweep()
+                if self._live or self._bulk:
+                    break
+                if expired:  # resolved before this worker waits for more
+                    return [], expired
                 if self._closed:
-                    return None
+                    return None, expired
                 self._cond.wait()
-            if not live:
-                return [bulk.popleft() for _ in range(min(len(bulk), self.bulk_max_batch))]
-            batch = [live.popleft()]
+            if not self._live:
+                length = self._bulk[0].window.shape[0]
+                batch: list[_Request] = []
+                while self._bulk and len(batch) < self.bulk_max_batch:
+                    if self._bulk[0].window.shape[0] != length:
+                        break
+                    batch.append(self._bulk.popleft())
+                return batch, expired
+            batch = [self._take(self._choose())]
             until = self._clock() + self.max_wait_s
             while len(batch) < self.max_batch:
-                if live:
-                    batch.append(live.popleft())
+                expired += self._sweep()
+                if self._live:
+                    key = self._choose()
+                    if not self._fits(batch, key):
+                        break
+                    batch.append(self._take(key))
                     continue
                 remaining = until - self._clock()
                 if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
-            return batch
+            return batch, expired
 
-    def _run_group(self, group: list[_Request]) -> None:
+    def _fits(self, batch: list[_Request], key: Hashable) -> bool:
+        """Whether ``key``'s next request can join ``batch``: the same length, and the bigger
+        batch still answers every member and it in time."""
+        head = self._keys[key].waiting[0]
+        if head.window.shape[0] != batch[0].window.shape[0]:
+            return False
+        finish = self._clock() + self.service.expected(len(batch) + 1) + self.slack_s
+        return finish <= min(head.deadline, *(r.deadline for r in batch))
+
+    def _choose(self) -> Hashable:
+        """The key served longest ago among those waiting, then the earliest deadline."""
+        best: Hashable = None
+        best_rank: tuple[int, float] | None = None
+        for key, queue in self._keys.items():
+            if not queue.waiting:
+                continue
+            rank = (queue.turn, queue.waiting[0].deadline)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        return best
+
+    def _take(self, key: Hashable) -> _Request:
+        queue = self._keys[key]
+        now = self._clock()
+        queue.turn, queue.served_at = self._turns, now
+        self._turns += 1
+        self._live -= 1
+        request = queue.waiting.popleft()
+        # A key keeps its place in the rotation while it is in use; one idle this long is
+        # forgotten (back, it goes first once, as a key never served does).
+        idle = [
+            k for k, q in self._keys.items() if not q.waiting and q.served_at < now - KEY_IDLE_S
+        ]
+        for other in idle:
+            del self._keys[other]
+        return request
+
+    def _sweep(self) -> list[_Request]:
+        """Take out every live request that a batch of one, starting now, could not answer in
+        time (a key's requests are in deadline order: only heads need looking at). When no
+        batch has run for PROBE_AFTER_S, only what is already past its deadline goes: the
+        estimate may be stale (the model was slow for a while, then everything expired and
+        nothing ran), and running a window is how it is learnt again."""
+        if not self._live:
+            return []
+        now = self._clock()
+        fresh = self._busy or now - self._last_done <= PROBE_AFTER_S
+        earliest = now + self.service.expected(1) + self.slack_s if fresh else now
+        out: list[_Request] = []
+        for key in list(self._keys):
+            waiting = self._keys[key].waiting
+            while waiting and waiting[0].deadline < earliest:
+                out.append(waiting.popleft())
+        self._live -= len(out)
+        return out
+
+    def _pop_most_overdue(self) -> _Request:
+        waiting = [k for k, q in self._keys.items() if q.waiting]
+        key = min(waiting, key=lambda k: self._keys[k].waiting[0].deadline)
+        request = self._keys[key].waiting.popleft()
+        self._live -= 1
+        return request
+
+    def _forget_demand(self, now: float) -> None:
+        while self._due and self._due[0] < now - DEMAND_WINDOW_S:
+            self._due.popleft()
+
+    @staticmethod
+    def _expire(requests: list[_Request]) -> None:
+        for request in requests:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(
+                    WindowExpired("the window could not be analysed by its deadline")
+                )
+
+    def _run_batch(self, batch: list[_Request]) -> None:
         started = self._clock()
         try:
             prediction = self.predictor.predict(
-                np.stack([r.window for r in group]), embeddings=any(r.embeddings for r in group)
+                np.stack([r.window for r in batch]), embeddings=any(r.embeddings for r in batch)
             )
             returned = prediction.probs.shape[0]
-            if returned != len(group):
-                raise RuntimeError(f"the model returned {returned} results for {len(group)} inputs")
+            if returned != len(batch):
+                raise RuntimeError(f"the model returned {returned} results for {len(batch)} inputs")
         except Exception as exc:
-            log.warning("inference batch failed", extra={"size": len(group), "error": repr(exc)})
-            self._observer.batch_done("none", len(group), self._clock() - started, "error")
-            for request in group:
+            log.warning("inference batch failed", extra={"size": len(batch), "error": repr(exc)})
+            self._observer.batch_done("none", len(batch), self._clock() - started, "error")
+            for request in batch:
                 request.future.set_exception(exc)
             return
         seconds = self._clock() - started
+        with self._cond:
+            self.service.observe(len(batch), seconds)
         outcome = "fallback" if prediction.fallback_reason else "ok"
-        self._observer.batch_done(prediction.device, len(group), seconds, outcome)
-        for i, request in enumerate(group):
+        self._observer.batch_done(prediction.device, len(batch), seconds, outcome)
+        for i, request in enumerate(batch):
             request.future.set_result(
                 InferenceResult(
                     probs=prediction.probs[i],
                     embedding=None if prediction.embeddings is None else prediction.embeddings[i],
                     device=prediction.device,
                     fallback_reason=prediction.fallback_reason,
-                    batch_size=len(group),
+                    batch_size=len(batch),
                     queued_s=started - request.submitted,
                     inference_s=seconds,
                 )

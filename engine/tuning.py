@@ -3,10 +3,16 @@
 CPU flags do not predict speed: one 2-core Xeon ran bf16 at half its fp32 matmul speed, an EPYC
 with AVX512-BF16 ran it 4x faster than fp32, and an AVX2-only EPYC emulates bf16 and fp16 in
 software. So ``tune`` measures: every dtype the device can run, on the same windows, then batch
-sizes and CPU lanes for the fastest one, a few windows each (seconds, not minutes). It keeps the
-fastest candidate whose probabilities stay within ``max_drift`` of fp32 on those windows and
-whose batch takes no longer than ``batch_budget_s`` (a window's latency includes its batch).
+sizes and CPU lanes for the fastest one, a few windows each (seconds, not minutes), through the
+batcher exactly as the server runs it (every lane busy, each with its share of the threads). It
+keeps the fastest candidate whose probabilities stay within ``max_drift`` of fp32 on those windows
+and whose batch takes no longer than ``batch_budget_s`` (a window's latency includes its batch).
 A dtype clearly slower than the best so far after one warm-up batch is not timed further.
+
+It measures the machine as it serves, not as it idles: while serving, prosody, VAD, decoding and
+the event loop take part of the cores from the model, and a configuration whose ops are split
+over every core loses far more to that than one lane per core does. So every candidate runs
+beside ``background_share`` of one core kept busy by another process.
 
 The choice is cached on disk, keyed by the machine (CPU or GPU model, cores), torch's version
 and the checkpoint, so a restart is instant; ``retune`` measures again.
@@ -20,8 +26,10 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,21 +38,25 @@ import numpy as np
 import torch
 
 from engine import SAMPLE_RATE
-from engine.lanes import Lanes, Predictor
+from engine.batcher import InferenceBatcher
+from engine.lanes import Lane, Offload, Predictor, call_directly
 
 log = logging.getLogger(__name__)
 
 CPU_DTYPES = ("fp32", "bf16", "fp16", "int8")
 GPU_DTYPES = ("fp16", "bf16", "fp32")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# The rest of the server at full load here — prosody workers, VAD, decoding, the event loop —
+# took about 0.4 of a core beside the model (BENCHMARKS.md, where the time goes).
+SERVING_LOAD_SHARE = 0.4
 
 
 @dataclass
 class Choice:
     dtype: str
     max_batch: int
-    lanes: int
-    ms_per_window: float  # at that batch size, all lanes busy
+    lanes: int  # batcher workers, one batch each at a time, with cpu threads / lanes each
+    ms_per_window: float  # wall time per window at that batch size, every lane busy
     windows_per_s: float
     drift: float  # largest probability difference from fp32 on the tuning windows
     measured_s: float = 0.0  # how long tuning took (0 when the choice came from the cache)
@@ -135,6 +147,28 @@ class ChoiceCache:
             )
 
 
+@contextlib.contextmanager
+def background_load(share: float) -> Iterator[None]:
+    """Keep ``share`` of one core busy in another process meanwhile (10 ms duty cycles)."""
+    if share <= 0:
+        yield
+        return
+    busy_s, idle_s = 0.01 * min(share, 1.0), 0.01 * (1.0 - min(share, 1.0))
+    code = (
+        "import time\n"
+        "while True:\n"
+        "    t = time.perf_counter()\n"
+        f"    while time.perf_counter() - t < {busy_s}: pass\n"
+        f"    time.sleep({idle_s})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def tune(
     convert: Callable[[str], Predictor],
     *,
@@ -147,27 +181,91 @@ def tune(
     max_drift: float = 0.01,
     batch_budget_s: float = 0.75,
     slow_factor: float = 2.0,
+    background_share: float = 0.0,
+    offload: Offload = call_directly,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Choice:
     """The fastest (dtype, batch, lanes) for the model ``convert(dtype)`` returns, within
-    ``max_drift`` of fp32 and ``batch_budget_s`` per batch."""
+    ``max_drift`` of fp32 and ``batch_budget_s`` per batch, beside ``background_share`` of a
+    core's load. ``offload`` runs each lane's calls as the server does (engine/lanes.py)."""
+    with background_load(background_share if not device.startswith("cuda") else 0.0):
+        return _tune(
+            convert,
+            device=device,
+            dtypes=dtypes,
+            batches=batches,
+            lanes=lanes,
+            cpu_threads=cpu_threads,
+            windows=windows,
+            max_drift=max_drift,
+            batch_budget_s=batch_budget_s,
+            slow_factor=slow_factor,
+            offload=offload,
+            clock=clock,
+        )
+
+
+def _served(
+    model: Predictor,
+    batch: int,
+    lanes: int,
+    threads: int,
+    x: np.ndarray,
+    offload: Offload,
+    clock: Callable[[], float],
+) -> tuple[float, float]:
+    """(seconds per window, slowest batch in seconds) of the batcher running ``lanes`` lanes
+    of ``threads // lanes`` threads at ``batch``, every lane busy for two batches."""
+    batcher = InferenceBatcher(
+        Lane(model, threads=max(1, threads // lanes), offload=offload),
+        max_batch=batch,
+        max_wait_ms=0,
+        lanes=lanes,
+        clock=clock,
+    )
+    try:
+        count = 2 * batch * lanes
+        todo = np.concatenate([x] * -(-count // x.shape[0]))[:count]
+        for f in [batcher.submit(w, priority="bulk") for w in todo[: batch * lanes]]:
+            f.result()  # warm-up: every lane's first call sets up its kernels
+        t0 = clock()
+        results = [f.result() for f in [batcher.submit(w) for w in todo]]
+        seconds = (clock() - t0) / count
+    finally:
+        batcher.close()
+    return seconds, max(r.inference_s for r in results)
+
+
+def _tune(
+    convert: Callable[[str], Predictor],
+    *,
+    device: str,
+    dtypes: tuple[str, ...] | None,
+    batches: tuple[int, ...],
+    lanes: tuple[int, ...],
+    cpu_threads: int | None,
+    windows: np.ndarray | None,
+    max_drift: float,
+    batch_budget_s: float,
+    slow_factor: float,
+    offload: Offload,
+    clock: Callable[[], float],
+) -> Choice:
     started = clock()
     cpu = not device.startswith("cuda")
     dtypes = dtypes or (CPU_DTYPES if cpu else GPU_DTYPES)
-    lanes = lanes if cpu else (1,)
     threads = cpu_threads or os.cpu_count() or 1
+    lanes = (tuple(n for n in lanes if n <= threads) or (1,)) if cpu else (1,)
     x = tuning_windows() if windows is None else windows
     probe = min(4, x.shape[0])  # windows per dtype probe: one batch
     candidates: list[dict[str, Any]] = []
 
-    def timed(predictor: Predictor, batch: int, count: int) -> tuple[float, np.ndarray, float]:
-        """(seconds per window, probabilities, slowest batch in seconds) over ``count`` windows."""
-        probs, slowest, t0 = [], 0.0, clock()
+    def timed(predictor: Predictor, batch: int, count: int) -> tuple[float, np.ndarray]:
+        """(seconds per window, probabilities) over ``count`` windows."""
+        probs, t0 = [], clock()
         for at in range(0, count, batch):
-            b0 = clock()
             probs.append(predictor.predict(x[at : at + batch]).probs)
-            slowest = max(slowest, clock() - b0)
-        return (clock() - t0) / count, np.concatenate(probs), slowest
+        return (clock() - t0) / count, np.concatenate(probs)
 
     reference = convert("fp32").predict(x[:probe]).probs  # fp32 is what drift is measured from
     per_dtype: dict[str, tuple[Predictor, float, float]] = {}  # model, drift, s/window
@@ -175,15 +273,15 @@ def tune(
     for dtype in dtypes:
         try:
             model = convert(dtype)
-            predictor = Lanes(model, lanes=1, cpu_threads=threads)
-            warm_s, _, _ = timed(predictor, probe, probe)  # one-off kernel setup happens here
+            predictor = Lane(model, threads=threads, offload=offload)
+            warm_s, _ = timed(predictor, probe, probe)  # one-off kernel setup happens here
         except Exception as exc:  # a dtype this device cannot run at all
             candidates.append({"dtype": dtype, "rejected": f"fails: {exc}"[:200]})
             continue
         if warm_s > slow_factor * 3 * best_s:  # warm-up costs more, but not this much more
             candidates.append({"dtype": dtype, "ms_per_window": warm_s * 1000, "rejected": "slow"})
             continue
-        seconds, probs, _ = timed(predictor, probe, probe)
+        seconds, probs = timed(predictor, probe, probe)
         drift = float(np.abs(probs - reference).max())
         row = {
             "dtype": dtype,
@@ -208,9 +306,7 @@ def tune(
     for dtype, (model, drift, _) in finalists.items():
         for n in lanes:
             for batch in sorted(batches):
-                predictor = Lanes(model, lanes=n, cpu_threads=threads)
-                count = max(batch, min(x.shape[0], 2 * batch))
-                seconds, _, slowest = timed(predictor, batch, count)
+                seconds, slowest = _served(model, batch, n, threads, x, offload, clock)
                 row = {
                     "dtype": dtype,
                     "batch": batch,
@@ -222,10 +318,10 @@ def tune(
                 if slowest > batch_budget_s and batch > min(batches):
                     row["rejected"] = f"batch takes {slowest:.2f} s > {batch_budget_s} s"
                     break  # larger batches take longer still
-                # A larger batch or more lanes must be clearly faster (5 %) to be worth the
-                # latency of waiting for, and computing, more windows at once.
+                # A larger batch must be clearly faster (5 %) to be worth the latency of waiting
+                # for, and computing, more windows at once.
                 if best is None or seconds * 1000 < best.ms_per_window * (
-                    0.95 if (batch, n) > (best.max_batch, best.lanes) else 1.0
+                    0.95 if batch > best.max_batch else 1.0
                 ):
                     best = Choice(dtype, batch, n, seconds * 1000, 1.0 / seconds, drift)
     assert best is not None  # the smallest batch is never rejected

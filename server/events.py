@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SKIP_REASONS = ("silence", "expired")  # why a due window was not analysed
+
 
 @dataclass(slots=True, eq=False)
 class Started:
@@ -49,7 +51,7 @@ class VadChange:
 class Skipped:
     session: Session
     track: str | None
-    reason: str  # silence, superseded
+    reason: str  # one of SKIP_REASONS
     count: int
 
 

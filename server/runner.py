@@ -11,18 +11,19 @@ finishes every track with its final window, waits for the windows in flight, pub
 and stops. A failure in one window is reported as an ``Error`` event and the session carries on;
 a failure of the worker itself still ends the session with a summary.
 
-Window policy, per track: at most ``max_inflight`` windows being analysed and ``max_pending``
-waiting. Live streams keep one of each: a window that comes due while another is in flight waits,
-and starts as soon as that one is done; a newer due window replaces the waiting one (counted as
-``superseded``), so under overload every session's effective hop widens evenly and each result
-says what its hop was. File analysis waits for room instead of superseding, so every window of a
-file is analysed. Windows complete in stream order: the stress index of one builds on the last.
+Window policy: every window that comes due is submitted at once, with a deadline — the moment
+its audio arrived plus ``latency_budget_s`` — and its track as the batcher's fairness key. The
+batcher (engine/batcher.py) answers it in time or drops it unanalysed (``expired``): under
+overload every track thins evenly, and no result arrives late. The result that follows says how
+many of its track's windows expired since the previous one, and its hop. File analysis has no
+deadline: it keeps at most ``max_inflight`` windows submitted, waiting for room, so every window
+of a file is analysed. Windows complete in stream order: the stress index of one builds on the
+last.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.audio import RAW_BYTES_PER_SAMPLE
+from engine.batcher import WindowExpired
 from engine.pipeline import StreamPipeline
 from engine.windowing import Window
 from server import wire
@@ -42,7 +45,8 @@ from server.sessions import Session
 
 log = logging.getLogger(__name__)
 
-Analyse = Callable[..., Analysis]  # (samples, *, narrowband, embeddings, priority) -> Analysis
+# (samples, *, narrowband, embeddings, priority, deadline, key) -> Analysis; raises WindowExpired
+Analyse = Callable[..., Analysis]
 
 
 class InboxFull(Exception):
@@ -55,14 +59,29 @@ class SessionClosed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class WindowPolicy:
-    max_inflight: int = 1
-    max_pending: int = 1
-    supersede: bool = True  # a newer due window replaces a waiting one; else it waits for room
     priority: str = "live"  # the batcher's priority (engine/batcher.py)
+    latency_budget_s: float | None = 1.5  # a result is due this long after its audio arrived
+    max_inflight: int | None = None  # windows submitted per track at most (None: the deadlines
+    # bound them); beyond, the track waits for room
 
 
 LIVE = WindowPolicy()
-FILE = WindowPolicy(max_inflight=4, max_pending=4, supersede=False, priority="bulk")
+FILE = WindowPolicy(priority="bulk", latency_budget_s=None, max_inflight=4)
+
+
+INBOX_ITEM_BYTES = 256  # what one queued chunk costs beyond its audio: the inbox budget counts it
+COALESCE_BYTES = 16_384  # small raw chunks of a track join into pieces of up to this many bytes
+
+
+@dataclass(eq=False, slots=True)
+class _Audio:
+    track: str | None
+    data: bytearray | bytes | np.ndarray  # bytearray: raw whole frames, open to joining
+    received_at: float  # when its first chunk arrived
+
+
+def _size(data: bytes | bytearray | np.ndarray) -> int:
+    return data.nbytes if isinstance(data, np.ndarray) else len(data)
 
 
 @dataclass(eq=False, slots=True)
@@ -71,24 +90,26 @@ class _Slot:
     received_at: float
     analysis: Analysis | None = None
     error: tuple[str, str] | None = None
+    expired: bool = False
     done: bool = False
 
 
 @dataclass(eq=False)
 class Track:
-    """One analysed voice of a session, and its windows on their way through analysis."""
+    """One analysed voice of a session, and its windows on their way through analysis (in
+    stream order). Hashed by identity: the batcher's fairness key."""
 
     name: str | None
     pipeline: StreamPipeline
-    pending: deque[_Slot] = field(default_factory=deque)
     inflight: deque[_Slot] = field(default_factory=deque)
-    superseded: int = 0
+    expired: int = 0
+    expired_since_result: int = 0
     failed: int = 0
     last_start_s: float | None = None
 
     @property
     def idle(self) -> bool:
-        return not self.pending and not self.inflight
+        return not self.inflight
 
 
 class SessionRunner:
@@ -118,9 +139,16 @@ class SessionRunner:
         self._runtime = runtime
         self._clock = clock
         self._on_done = on_done or (lambda runner: None)
-        self._inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        self._inbox_bytes = 0
-        self._cond = threading.Condition()  # guards the inbox size and every track's windows
+        self._inbox: deque[_Audio] = deque()
+        self._inbox_bytes = 0  # audio waiting, plus INBOX_ITEM_BYTES per item
+        self._end_reason: str | None = None  # once end() was called
+        self._cond = threading.Condition()  # guards the inbox and every track's windows
+        fmt = session.format
+        self._frame_bytes = (
+            RAW_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
+            if fmt.encoding in RAW_BYTES_PER_SAMPLE
+            else 0
+        )
         self.done = threading.Event()
 
     # --- the edge's side -----------------------------------------------------------------------
@@ -134,25 +162,49 @@ class SessionRunner:
         block: bool = False,
     ) -> None:
         """Queue audio for ``track``: bytes in the session's encoding, or float32 samples at
-        16 kHz. Raises InboxFull (or waits, with ``block``) while the inbox is full."""
+        16 kHz. Raises InboxFull (or waits, with ``block``) while the inbox is full. Small
+        whole-frame raw chunks join the previous chunk of their track, so a flood of tiny
+        messages costs no more memory, or decoding, than the audio they hold."""
         if self.session.ended:
             raise SessionClosed(f"session {self.session.id} has ended")
-        size = data.nbytes if isinstance(data, np.ndarray) else len(data)
+        joinable = isinstance(data, bytes | bytearray) and self._joinable(data)
         with self._cond:
-            while self._inbox_bytes and self._inbox_bytes + size > self.inbox_max_bytes:
+            last = self._inbox[-1] if self._inbox else None
+            joins = (
+                joinable
+                and last is not None
+                and last.track == track
+                and isinstance(last.data, bytearray)
+                and len(last.data) + len(data) <= COALESCE_BYTES
+            )
+            cost = len(data) if joins else _size(data) + INBOX_ITEM_BYTES
+            while self._inbox_bytes and self._inbox_bytes + cost > self.inbox_max_bytes:
                 if not block:
                     raise InboxFull(f"{self._inbox_bytes} bytes of audio wait to be decoded")
                 self._cond.wait()
-            self._inbox_bytes += size
-        self._inbox.put(
-            ("audio", track, data, self._clock() if received_at is None else received_at)
-        )
+                joins = joins and bool(self._inbox) and self._inbox[-1] is last
+                cost = len(data) if joins else _size(data) + INBOX_ITEM_BYTES
+            if joins:
+                assert last is not None and isinstance(last.data, bytearray)
+                assert isinstance(data, bytes | bytearray)
+                last.data += data
+            else:
+                now = self._clock() if received_at is None else received_at
+                item = bytearray(data) if joinable else data
+                self._inbox.append(_Audio(track, item, now))
+            self._inbox_bytes += cost
+            self._cond.notify_all()
+
+    def _joinable(self, data: bytes | bytearray) -> bool:
+        return bool(self._frame_bytes) and len(data) % self._frame_bytes == 0
 
     def end(self, reason: str) -> None:
         """No more audio: analyse what is queued, then publish the summary. Idempotent."""
         if not self.session.ended:
             self.session.ended = True
-            self._inbox.put(("finish", reason))
+            with self._cond:
+                self._end_reason = reason
+                self._cond.notify_all()
 
     # --- the worker --------------------------------------------------------------------------
 
@@ -178,41 +230,33 @@ class SessionRunner:
             self.done.set()
             self._on_done(self)
 
-    def _take(self) -> tuple[list[tuple[Any, ...]], str | None]:
+    def _take(self) -> tuple[list[_Audio], str | None]:
         """Everything already queued (one decode per track rather than one per chunk), up to
-        ``feed_max_bytes``; and the end reason if the end was queued."""
-        items: list[tuple[Any, ...]] = []
+        ``feed_max_bytes``; and the end reason once the inbox is empty and the end was asked."""
+        items: list[_Audio] = []
         taken = 0
-        item = self._inbox.get()
-        while True:
-            if item[0] == "finish":
-                finish: str | None = item[1]
-                break
-            items.append(item)
-            taken += item[2].nbytes if isinstance(item[2], np.ndarray) else len(item[2])
-            if taken >= self.feed_max_bytes:
-                finish = None
-                break
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                finish = None
-                break
         with self._cond:
-            self._inbox_bytes -= taken
+            while not self._inbox and self._end_reason is None:
+                self._cond.wait()
+            while self._inbox and (not items or taken < self.feed_max_bytes):
+                item = self._inbox.popleft()
+                items.append(item)
+                taken += _size(item.data)
+                self._inbox_bytes -= _size(item.data) + INBOX_ITEM_BYTES
+            finish = self._end_reason if not self._inbox else None
             self._cond.notify_all()
         return items, finish
 
-    def _feed(self, items: list[tuple[Any, ...]]) -> None:
-        per_track: dict[str | None, list[tuple[Any, float]]] = {}
-        for _, name, data, received_at in items:
-            per_track.setdefault(name, []).append((data, received_at))
+    def _feed(self, items: list[_Audio]) -> None:
+        per_track: dict[str | None, list[_Audio]] = {}
+        for item in items:
+            per_track.setdefault(item.track, []).append(item)
         for name, parts in per_track.items():
             self._feed_track(self.tracks[name], parts)
 
-    def _feed_track(self, track: Track, parts: list[tuple[Any, float]]) -> None:
-        received_at = parts[0][1]  # latency counts from the first chunk: never understated
-        data = [d for d, _ in parts]
+    def _feed_track(self, track: Track, parts: list[_Audio]) -> None:
+        received_at = parts[0].received_at  # latency counts from the first chunk: never understated
+        data = [bytes(p.data) if isinstance(p.data, bytearray) else p.data for p in parts]
         pipeline = track.pipeline
         try:
             if isinstance(data[0], np.ndarray):
@@ -247,9 +291,7 @@ class SessionRunner:
             self._after_feed(track, fed, self._clock())
         self._wait_idle()
         tracks = {
-            name: wire.track_summary(
-                t.pipeline.summary_dict(), superseded=t.superseded, failed=t.failed
-            )
+            name: wire.track_summary(t.pipeline.summary_dict(), expired=t.expired, failed=t.failed)
             for name, t in self.tracks.items()
         }
         summary = wire.summary(self.session, reason, tracks, self.random_weights)
@@ -263,34 +305,27 @@ class SessionRunner:
     # --- the window policy -------------------------------------------------------------------
 
     def _due(self, track: Track, window: Window, received_at: float) -> None:
-        superseded = False
+        slot = _Slot(window, received_at)
         with self._cond:
-            if not self.policy.supersede:
-                while len(track.pending) >= self.policy.max_pending:
-                    self._cond.wait()
-            elif len(track.pending) >= self.policy.max_pending:
-                track.pending.popleft()
-                track.superseded += 1
-                superseded = True
-            track.pending.append(_Slot(window, received_at))
-            self._start_ready(track)
-        if superseded:
-            self._publish(Skipped(self.session, track.name, "superseded", 1))
-
-    def _start_ready(self, track: Track) -> None:
-        while len(track.inflight) < self.policy.max_inflight and track.pending:
-            slot = track.pending.popleft()
+            limit = self.policy.max_inflight
+            while limit is not None and len(track.inflight) >= limit:
+                self._cond.wait()
             track.inflight.append(slot)
-            self._runtime.spawn(self._analyse_slot, track, slot)
+        self._runtime.spawn(self._analyse_slot, track, slot)
 
     def _analyse_slot(self, track: Track, slot: _Slot) -> None:
+        budget = self.policy.latency_budget_s
         try:
             slot.analysis = self._analyse(
                 slot.window.samples,
                 narrowband=track.pipeline.narrowband,
                 embeddings=self.session.embeddings,
                 priority=self.policy.priority,
+                deadline=None if budget is None else slot.received_at + budget,
+                key=track,
             )
+        except WindowExpired:
+            slot.expired = True
         except AnalysisError as exc:
             slot.error = (exc.code, exc.message)
         except Exception as exc:
@@ -299,14 +334,17 @@ class SessionRunner:
         with self._cond:
             slot.done = True
             self._complete_ready(track)
-            self._start_ready(track)
             self._cond.notify_all()
 
     def _complete_ready(self, track: Track) -> None:
         """Turn finished windows into results, in stream order."""
         while track.inflight and track.inflight[0].done:
             slot = track.inflight.popleft()
-            if slot.error is None:
+            if slot.expired:
+                track.expired += 1
+                track.expired_since_result += 1
+                self._publish(Skipped(self.session, track.name, "expired", 1))
+            elif slot.error is None:
                 self._complete(track, slot)
             else:
                 track.failed += 1
@@ -343,9 +381,11 @@ class SessionRunner:
                 track=track.name,
                 latency_ms=(self._clock() - slot.received_at) * 1000,
                 hop_s=hop_s,
+                expired=track.expired_since_result,
                 random_weights=self.random_weights,
             )
             session.results.append(result)
+        track.expired_since_result = 0
         self._publish(Result(session, track.name, result, slot.received_at))
 
 

@@ -27,13 +27,17 @@ def result(
     track: str | None,
     latency_ms: float,
     hop_s: float | None,
+    expired: int = 0,
     random_weights: bool,
 ) -> dict[str, Any]:
     """One analysed window. ``hop_s``: seconds since the previous result of the same track
-    started (None for the first); more than the configured hop means results were thinned."""
+    started (None for the first); more than the configured hop means results were thinned.
+    ``expired``: the track's windows dropped unanalysed since its previous result, because they
+    could not be answered within the latency budget."""
     out: dict[str, Any] = {"session_id": session_id, "seq": seq, **frame.as_dict()}
     out["latency_ms"] = round(latency_ms, 1)
     out["hop_s"] = None if hop_s is None else round(hop_s, 3)
+    out["expired"] = expired
     if track:
         out["track"] = track
     if random_weights:
@@ -41,8 +45,8 @@ def result(
     return out
 
 
-def track_summary(pipeline_summary: dict[str, Any], *, superseded: int, failed: int) -> dict:
-    return {**pipeline_summary, "superseded": superseded, "failed": failed}
+def track_summary(pipeline_summary: dict[str, Any], *, expired: int, failed: int) -> dict:
+    return {**pipeline_summary, "expired": expired, "failed": failed}
 
 
 def summary(

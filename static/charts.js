@@ -185,10 +185,14 @@ function renderDistribution(container, result) {
 }
 
 // Median pitch travels as semitones re 100 Hz (what the z-score uses); people read hertz.
-// A result whose hop is well over the configured one: the server analysed fewer windows (busy).
+// A result after windows the server dropped unanalysed (expired: they could not be answered
+// within its latency budget), or whose hop is well over the configured one: it was thinned.
 function thinned(result, hopS) {
+  if (result.expired) {
+    return ` · thinned: ${result.expired} window(s) before this one expired unanalysed (server at capacity)`;
+  }
   return result.hop_s != null && hopS && result.hop_s > 1.5 * hopS
-    ? ` · thinned: ${fmt(result.hop_s, 1)} s since the previous result (server busy)` : "";
+    ? ` · thinned: ${fmt(result.hop_s, 1)} s since the previous result` : "";
 }
 
 function measure(value, unit, withUnit = true) {

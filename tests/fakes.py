@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 
+from engine.batcher import WindowExpired
 from engine.prosody import MEASURES, Prosody
 from engine.stress import default_model
 from server.analysis import Analysis, AnalysisError
@@ -25,24 +26,35 @@ def calm_prosody() -> Prosody:
 
 
 class FakeAnalyse:
-    """Answers each window with fixed probabilities. ``held``: each call waits for a permit."""
+    """Answers each window with fixed probabilities. ``held``: each call waits for a permit.
+    Call indexes in ``fail`` fail, those in ``expire`` expire (as the batcher drops a window
+    that cannot make its deadline)."""
 
     def __init__(self, held: bool = False) -> None:
         self.cond = threading.Condition()
         self.calls: list[str] = []
+        self.deadlines: list[float | None] = []
+        self.keys: list[object] = []
         self.permits = threading.Semaphore(0) if held else None
-        self.fail: set[int] = set()  # call indexes that fail
+        self.fail: set[int] = set()
+        self.expire: set[int] = set()
         self.prosody_missing: str | None = None
 
-    def __call__(self, samples, *, narrowband, embeddings, priority) -> Analysis:
+    def __call__(
+        self, samples, *, narrowband, embeddings, priority, deadline=None, key=None
+    ) -> Analysis:
         with self.cond:
             index = len(self.calls)
             self.calls.append(priority)
+            self.deadlines.append(deadline)
+            self.keys.append(key)
             self.cond.notify_all()
         if self.permits is not None:
             assert self.permits.acquire(timeout=WAIT_S), "the test never released a window"
         if index in self.fail:
             raise AnalysisError("INFERENCE_FAILED", f"call {index} failed")
+        if index in self.expire:
+            raise WindowExpired("the window could not be analysed by its deadline")
         probs = np.full(len(LABELS), 1 / len(LABELS), dtype=np.float32)
         probs[4] += 0.05  # neutral on top
         prosody = calm_prosody() if self.prosody_missing is None else Prosody.unmeasured()

@@ -4,7 +4,8 @@
 ``tests.gates:wrap`` (see server/cli.py); ``VOXAFFECT_TEST_GATE`` names a directory:
 
 - ``hold`` exists: every batch waits until the test removes it (a result is held back for
-  exactly as long as the test wants, however fast this machine is);
+  exactly as long as the test wants, however fast this machine is); each batch that starts
+  waiting adds its window count to ``entered``, so the test knows what the model holds;
 - ``slow_s`` holds a number: every batch runs the real model again and again for that many
   seconds (busy on native threads, as a large model on a slow CPU would be).
 
@@ -40,6 +41,12 @@ class Gate:
     def reset(self) -> None:
         self.release()
         (self.dir / "slow_s").unlink(missing_ok=True)
+        (self.dir / "entered").unlink(missing_ok=True)
+
+    def entered(self) -> int:
+        """Windows of the batches that have waited at the hold since the last reset."""
+        path = self.dir / "entered"
+        return int(path.read_text() or 0) if path.exists() else 0
 
 
 class GatedPredictor:
@@ -49,6 +56,10 @@ class GatedPredictor:
         self.dir = directory
 
     def predict(self, windows: np.ndarray, *, embeddings: bool = False) -> Any:
+        if (self.dir / "hold").exists():
+            entered = self.dir / "entered"
+            count = int(entered.read_text() or 0) if entered.exists() else 0
+            entered.write_text(str(count + windows.shape[0]))
         while (self.dir / "hold").exists():
             time.sleep(0.01)  # green under eventlet: the hub carries on
         slow = self.dir / "slow_s"

@@ -112,7 +112,7 @@ def test_3_a_catch_up_burst_loses_no_window_to_the_ring_buffer(hostile, healthy)
         assert c.errors() == []
         results = c.of("emotion_result")
         assert results[-1]["end_s"] == pytest.approx(seconds, abs=0.05)  # the newest is analysed
-        assert s["windows"] + s["superseded"] + s["skipped_silence"] >= seconds - 2
+        assert s["windows"] + s["expired"] + s["skipped_silence"] >= seconds - 2
         c.close()
 
 
@@ -246,7 +246,7 @@ def test_8_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, re
     assert thread.is_alive(), "the upload must still be running while the live stream is measured"
     thread.join(600)
     gate.reset()
-    assert errors == [] and summary["superseded"] == 0
+    assert errors == [] and summary["expired"] == 0
     assert [(r["start_s"], r["end_s"]) for r in busy] == reference
     assert upload["status"] == 200 and json.loads(upload["raw"])["summary"]["windows"] > 100
 
@@ -294,7 +294,8 @@ def test_10b_a_connection_that_never_sends_a_request_is_closed(hostile, healthy)
     with healthy:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         started = time.monotonic()
-        assert sock.recv(1) == b""  # closed by the server (handshake_timeout_s is 2 here)
+        answer = sock.recv(4096)  # 408, then closed (handshake_timeout_s is 2 here)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 408")
         waited = time.monotonic() - started
         sock.close()
     assert waited < 20

@@ -188,8 +188,8 @@ def _run_speech(server, token: str | None = None) -> tuple[list[dict], dict]:
     return client.of("emotion_result"), summary
 
 
-def _windows_due(summary: dict) -> int:  # each one analysed, or superseded and counted
-    return int(summary["results"] + summary["superseded"])
+def _windows_due(summary: dict) -> int:  # each one analysed, or expired and counted
+    return int(summary["results"] + summary["expired"])
 
 
 @pytest.mark.parametrize(("how", "reason"), [(signal.SIGKILL, "died"), (signal.SIGSTOP, "timeout")])

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -99,20 +100,60 @@ def test_a_bad_resume_token_is_refused(server):
     client.close()
 
 
-def test_a_window_due_meanwhile_waits_and_a_newer_one_replaces_it(server):
-    """One window in flight and one waiting per session; the waiting one is the newest due."""
-    before = server.metric("voxaffect_windows_skipped_total", reason="superseded")
+def test_a_burst_on_an_idle_server_is_analysed_whole_in_stream_order(server):
+    before = server.metric("voxaffect_windows_skipped_total", reason="expired")
     client = Recorder(server.url)
     sid = client.start()["session_id"]
     pcm = to_pcm16(speech())[: int(16000 * 2 * 4.9)]
     client.send(sid, pcm)  # 4.9 s in one chunk: [0, 2], [1, 3] and [2, 4] come due at once
     client.end(sid)
     results = client.of("emotion_result")
-    superseded = server.metric("voxaffect_windows_skipped_total", reason="superseded") - before
-    assert superseded == 1  # [1, 3] gave way to [2, 4]
-    assert [(r["start_s"], r["end_s"]) for r in results] == [(0.0, 2.0), (2.0, 4.0), (2.9, 4.9)]
-    assert [r["hop_s"] for r in results] == [None, 2.0, 0.9]
-    assert client.of("session_summary")[-1]["superseded"] == superseded
+    assert [(r["start_s"], r["end_s"]) for r in results] == [
+        (0.0, 2.0),
+        (1.0, 3.0),
+        (2.0, 4.0),
+        (2.9, 4.9),
+    ]
+    assert [r["hop_s"] for r in results] == [None, 1.0, 1.0, 0.9]
+    assert [r["expired"] for r in results] == [0, 0, 0, 0]
+    assert server.metric("voxaffect_windows_skipped_total", reason="expired") == before
+    assert client.of("session_summary")[-1]["expired"] == 0
+    client.close()
+
+
+def test_windows_that_cannot_be_answered_in_time_expire_and_the_next_result_says_so(gated):
+    """The model is held past the 1.5 s latency budget: windows waiting meanwhile are dropped
+    unanalysed, counted, and the next result of the track says how many; none comes late."""
+    server, gate = gated
+    before = server.metric("voxaffect_windows_skipped_total", reason="expired")
+    client = Recorder(server.url)
+    sid = client.start()["session_id"]
+    pcm = to_pcm16(np.tile(speech(), 2))
+    lanes = server.get("/api/info")[1]["model"]["lanes"]
+    gate.hold()
+    second = 16000 * 2
+    client.send(sid, pcm[: 2 * second])  # [0, 2] is due: a lane takes it, and the gate holds it
+    wait_for(lambda: gate.entered() == 1, 30, "the model to hold [0, 2]")
+    for lane in range(1, lanes):  # every other lane gets one window to hold too
+        client.send(sid, pcm[(1 + lane) * second : (2 + lane) * second])
+        wait_for(lambda n=lane + 1: gate.entered() == n, 30, "every lane to hold a window")
+    sent = 1 + lanes
+    time.sleep(1.0)  # the rate limit lets a client run 5 s ahead of 4x real time, no more
+    client.send(sid, pcm[sent * second : (sent + 3) * second])  # three more: they must wait
+    wait_for(lambda: server.metric("voxaffect_queue_depth") == 3, 30, "three windows waiting")
+    time.sleep(2.0)  # past every waiting window's deadline: held, not timed (the gate decides)
+    gate.release()
+    client.send(sid, pcm[(sent + 3) * second : (sent + 5) * second])  # two windows of new audio
+    client.end(sid)
+    results = client.of("emotion_result")
+    summary = client.of("session_summary")[-1]
+    expired = server.metric("voxaffect_windows_skipped_total", reason="expired") - before
+    assert client.errors() == []
+    assert expired == 3 and summary["expired"] == 3
+    after_gap = [r for r in results if r["expired"]]
+    assert [r["expired"] for r in after_gap] == [3]  # told once, on the next result
+    assert after_gap[0]["start_s"] == float(sent + 2)  # the first window of the new audio
+    assert [r["start_s"] for r in results][:lanes] == [float(i) for i in range(lanes)]
     client.close()
 
 
@@ -178,9 +219,9 @@ def test_tokens_are_required_on_connect_and_rest(strict_server):
     assert strict_server.get("/api/sessions")[0] == 401
     assert strict_server.get("/api/sessions", token="wrong")[0] == 401
     assert strict_server.get("/api/sessions", token=TOKEN)[0] == 200
-    assert strict_server.get("/api/sessions?token=second-token")[0] == 200
+    assert strict_server.get("/api/sessions?token=second-token-7654321")[0] == 200
     assert strict_server.get("/healthz")[0] == 200 and strict_server.get("/readyz")[0] == 200
-    ok = Recorder(strict_server.url, token="second-token")
+    ok = Recorder(strict_server.url, token="second-token-7654321")
     ok.close()
 
 
@@ -238,8 +279,12 @@ def test_a_token_holder_deletes_an_ended_session_and_the_deletion_is_logged(stri
     assert all(s["session_id"] != ack["session_id"] for s in _stored(strict_server))
     deletions = [line for line in strict_server.log().splitlines() if "deleted on request" in line]
     assert len(deletions) == 1 and ack["session_id"] in deletions[0]
-    assert hashlib.sha256(TOKEN.encode()).hexdigest()[:12] in deletions[0]
+    fields = dict(part.split("=", 1) for part in deletions[0].split() if "=" in part)
+    assert fields["remote"] == "127.0.0.1"
+    # a keyed fingerprint of 16 hex digits: not the token, not its plain hash
+    assert len(fields["token"]) == 16 and int(fields["token"], 16) >= 0
     assert TOKEN not in deletions[0]
+    assert hashlib.sha256(TOKEN.encode()).hexdigest()[:12] not in deletions[0]
 
 
 def _stored(server: ServerProcess) -> list[dict]:

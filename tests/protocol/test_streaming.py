@@ -101,7 +101,7 @@ def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(s
                 time.sleep(0.025)
         summary = client.end(sid)
         spans.append([(r["start_s"], r["end_s"]) for r in client.of("emotion_result")])
-        due.append(summary["results"] + summary["superseded"])
+        due.append(summary["results"] + summary["expired"])
         if mode == "f32-8k":
             assert all(r.get("narrowband") for r in client.of("emotion_result"))
         client.close()

@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 
 from engine.audio import AudioFormat
-from engine.batcher import InferenceBatcher
+from engine.batcher import InferenceBatcher, WindowExpired
 from engine.model import Prediction
 from engine.pipeline import PipelineConfig, StreamPipeline
 from server.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
 from server.events import Ended, Error, Result, Skipped, VadChange
-from server.runner import FILE, LIVE, InboxFull, SessionClosed, SessionRunner, Track
+from server.runner import (
+    FILE,
+    LIVE,
+    InboxFull,
+    SessionClosed,
+    SessionRunner,
+    Track,
+    WindowPolicy,
+)
 from server.runtime import ThreadRuntime
 from server.sessions import Session
 from tests import LABELS
@@ -58,39 +66,58 @@ def spans(recorder: Recorder) -> list[tuple[float, float]]:
     return [(r.result["start_s"], r.result["end_s"]) for r in recorder.of(Result)]
 
 
-def test_a_window_due_while_another_is_in_flight_waits_and_starts_right_after():
+def test_every_due_window_is_submitted_at_once_and_results_come_in_stream_order():
     analyse = FakeAnalyse(held=True)
     runner, rec = runner_for(analyse)
     pcm = to_pcm16(talk(4.0))
     runner.push(None, pcm[: 2 * 32000])  # [0, 2] comes due
     analyse.started(1)
     runner.push(None, pcm[2 * 32000 : 3 * 32000])  # [1, 3] comes due while [0, 2] is analysed
-    analyse.release()
-    analyse.started(2)  # it started as soon as the first was done: nothing was skipped
+    analyse.started(2)  # submitted at once: the batcher, not the runner, decides what waits
     analyse.release(10)
     runner.end("done")
     summary = rec.ended().summary
     assert spans(rec)[:2] == [(0.0, 2.0), (1.0, 3.0)]
     assert [r.result["hop_s"] for r in rec.of(Result)][:2] == [None, 1.0]
-    assert summary["superseded"] == 0
+    assert summary["expired"] == 0
 
 
-def test_a_newer_due_window_replaces_the_waiting_one_and_results_say_their_hop():
-    analyse = FakeAnalyse(held=True)
-    runner, rec = runner_for(analyse)
-    pcm = to_pcm16(talk(5.0))
-    runner.push(None, pcm[: 2 * 32000])
-    analyse.started(1)  # [0, 2] in flight
-    runner.push(None, pcm[2 * 32000 :])  # [1, 3], [2, 4], [3, 5] come due at once
-    rec.wait(Skipped, 2)  # fed while [0, 2] is still in flight
+def test_each_window_carries_its_deadline_and_its_track_as_the_fairness_key():
+    now = [100.0]
+    analyse = FakeAnalyse()
+    fmt = AudioFormat()
+    track = Track(None, StreamPipeline(PipelineConfig(), fmt, labels=LABELS))
+    recorder = Recorder()
+    runner = SessionRunner(
+        Session(id="s1", source="socketio", format=fmt),
+        {None: track},
+        analyse=analyse,
+        publish=recorder,
+        runtime=ThreadRuntime(),
+        policy=WindowPolicy(latency_budget_s=1.25),
+        clock=lambda: now[0],
+    )
+    threading.Thread(target=runner.run, daemon=True).start()
+    runner.push(None, to_pcm16(talk(2.0)))  # arrives at 100.0
+    analyse.started(1)
     runner.end("done")
-    analyse.release(10)
+    recorder.ended()
+    assert analyse.deadlines[0] == 101.25 and analyse.keys[0] is track
+
+
+def test_an_expired_window_is_counted_and_the_next_result_says_how_many():
+    analyse = FakeAnalyse()
+    analyse.expire = {1, 2}
+    runner, rec = runner_for(analyse)
+    runner.push(None, to_pcm16(talk(5.0)))  # [0, 2], [1, 3], [2, 4], [3, 5] come due
+    runner.end("done")
     summary = rec.ended().summary
-    assert spans(rec) == [(0.0, 2.0), (3.0, 5.0)]  # the newest due window, not a stale one
-    assert [r.result["hop_s"] for r in rec.of(Result)] == [None, 3.0]
-    assert summary["superseded"] == 2
-    assert [(s.reason, s.count) for s in rec.of(Skipped)] == [("superseded", 1)] * 2
-    assert [r.result["seq"] for r in rec.of(Result)] == [1, 2]
+    assert spans(rec)[:2] == [(0.0, 2.0), (3.0, 5.0)]
+    assert [r.result["expired"] for r in rec.of(Result)][:2] == [0, 2]
+    assert [r.result["hop_s"] for r in rec.of(Result)][:2] == [None, 3.0]
+    assert summary["expired"] == 2
+    assert [(s.reason, s.count) for s in rec.of(Skipped)] == [("expired", 1)] * 2
+    assert [r.result["seq"] for r in rec.of(Result)][:2] == [1, 2]
 
 
 def test_ending_while_a_window_is_in_flight_waits_for_it_then_summarises():
@@ -153,16 +180,15 @@ def test_a_catch_up_burst_longer_than_the_ring_buffer_loses_no_window():
     assert summary["windows"] == len(rec.of(Result))
 
 
-def test_a_live_burst_keeps_the_newest_window_and_counts_the_rest():
+def test_a_live_burst_that_the_model_can_answer_in_time_is_analysed_whole():
     analyse = FakeAnalyse()
     runner, rec = runner_for(analyse)
     runner.push(None, to_pcm16(talk(15.0)))
     runner.end("done")
     summary = rec.ended().summary
-    assert rec.of(Error) == []
-    due = summary["windows"] + summary["superseded"] + summary["skipped_silence"]
-    assert due >= 14  # every window of the burst is analysed or accounted for
-    assert spans(rec)[-1][1] == pytest.approx(15.0, abs=0.05)
+    assert rec.of(Error) == [] and summary["expired"] == 0
+    assert spans(rec)[:14] == [(float(i), float(i + 2)) for i in range(14)]
+    assert set(analyse.calls) == {"live"}
 
 
 def test_file_analysis_waits_for_room_instead_of_dropping_windows():
@@ -173,7 +199,7 @@ def test_file_analysis_waits_for_room_instead_of_dropping_windows():
     analyse.started(FILE.max_inflight)
     analyse.release(100)
     summary = rec.ended().summary
-    assert summary["superseded"] == 0
+    assert summary["expired"] == 0 and analyse.deadlines[0] is None
     assert spans(rec)[:10] == [(float(i), float(i + 2)) for i in range(10)]
     assert set(analyse.calls) == {"bulk"}
 
@@ -250,4 +276,45 @@ def test_a_window_the_model_does_not_answer_in_time_is_an_inference_timeout():
         analyser(np.zeros(32000, np.float32), narrowband=False, embeddings=False, priority="live")
     assert info.value.code == "INFERENCE_TIMEOUT"
     Stuck.release.set()
+    batcher.close()
+
+
+def test_a_window_that_expires_in_the_queue_costs_no_prosody_and_says_it_expired():
+    class Held(FakeModel):
+        entered, release = threading.Event(), threading.Event()
+
+        def predict(self, windows, *, embeddings=False):
+            self.entered.set()
+            assert self.release.wait(WAIT_S)
+            return super().predict(windows)
+
+    now = [0.0]
+    measured: list[int] = []
+    batcher = InferenceBatcher(
+        Held(), max_batch=1, max_wait_ms=0, seconds_per_window=0.5, clock=lambda: now[0]
+    )
+    analyser = WindowAnalyser(
+        batcher, lambda s, n: measured.append(1) or calm_prosody(), inference_timeout_s=WAIT_S
+    )
+    x = np.zeros(32000, np.float32)
+    args = {"narrowband": False, "embeddings": False, "priority": "live"}
+    first = threading.Thread(target=analyser, args=(x,), kwargs={**args, "deadline": 10.0})
+    first.start()
+    assert Held.entered.wait(WAIT_S)  # the model is busy with the first window
+    outcome: list[str] = []
+
+    def late() -> None:
+        try:
+            analyser(x, **args, deadline=1.0)
+            outcome.append("analysed")
+        except WindowExpired:
+            outcome.append("expired")
+
+    second = threading.Thread(target=late)
+    second.start()
+    now[0] = 0.8  # 0.8 + 0.5 > 1.0: it can no longer make its deadline
+    Held.release.set()
+    first.join(WAIT_S)
+    second.join(WAIT_S)
+    assert outcome == ["expired"] and measured == [1]  # prosody for the first window only
     batcher.close()
