@@ -23,11 +23,12 @@ from typing import Any
 from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
-from server import api, telephony
+from server import api, listener, telephony
 from server.alerts import AlertEngine, load_rules
 from server.auth import origin_check
 from server.events import EventBus
 from server.factory import SessionFactory
+from server.listener import ListenerLimits
 from server.runtime import ThreadRuntime
 from server.service import Service, WrapPredictor
 from server.settings import Settings
@@ -148,21 +149,21 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         publish=bus.publish,
         runtime=runtime,
         model_info=service.model_info,
+        load=service.current_load,
         clock=service.clock,
     )
-    socketio.on_namespace(
-        StreamNamespace(
-            socketio,
-            settings=settings,
-            factory=factory,
-            registry=service.registry,
-            store=service.store,
-            metrics=metrics,
-            publish=bus.publish,
-            runtime=runtime,
-            clock=service.clock,
-        )
+    namespace = StreamNamespace(
+        socketio,
+        settings=settings,
+        factory=factory,
+        registry=service.registry,
+        store=service.store,
+        metrics=metrics,
+        publish=bus.publish,
+        runtime=runtime,
+        clock=service.clock,
     )
+    socketio.on_namespace(namespace)
     telephony.register(
         flask,
         TelephonyEdge(
@@ -199,6 +200,9 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
                     call_rejoin_s=settings.call_rejoin_s,
                 ):
                     runner.end(reason)
+                closed = namespace.close_unconnected(settings.auth_timeout_s)
+                if closed:
+                    metrics.connections_refused.labels("auth_timeout").inc(closed)
                 metrics.store_degraded.set(int(service.store.degraded))
             except Exception:
                 log.exception("housekeeping failed")
@@ -213,7 +217,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         while settings.retention_days > 0:
             try:
                 before = time.time() - settings.retention_days * 86_400.0
-                deleted = runtime.offload(service.store.purge, before)
+                deleted = runtime.offload(service.store.purge, before, abandoned=True)
                 if deleted:
                     log.info("retention: old sessions deleted", extra={"sessions": deleted})
             except Exception as exc:  # the database is down: next hour
@@ -269,13 +273,17 @@ def serve(
     gc.collect()
     gc.freeze()
     log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
-    app.socketio.run(
+    listener.serve(
         app.flask,
         host=settings.host,
         port=settings.port,
-        log_output=False,
-        # A connection that sends no request line within this is closed (half-open sockets);
-        # a connected client's reads are bounded too: Engine.IO pings every 25 s.
-        keepalive=settings.handshake_timeout_s,
-        socket_timeout=max(75.0, settings.handshake_timeout_s),
+        limits=ListenerLimits(
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            handshake_timeout_s=settings.handshake_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+        ),
+        # a connected client's reads and writes are bounded too: Engine.IO pings every 25 s
+        socket_timeout_s=max(75.0, settings.handshake_timeout_s),
+        on_refused=lambda reason: service.metrics.connections_refused.labels(reason).inc(),
     )

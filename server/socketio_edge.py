@@ -19,7 +19,7 @@ from flask_socketio import Namespace, SocketIO, join_room, leave_room
 from socketio.exceptions import ConnectionRefusedError
 
 from server import wire
-from server.auth import request_token, token_ok
+from server.auth import request_token, token_role
 from server.events import Disconnected, Event
 from server.factory import SessionFactory
 from server.metrics import Metrics
@@ -80,6 +80,30 @@ class StreamNamespace(Namespace):
         self.runtime = runtime
         self.clock = clock
         self.supervisors: set[str] = set()  # sids that presented a valid API token
+        self._transport_seen: dict[str, float] = {}  # Engine.IO sids not yet connected, since
+
+    def close_unconnected(self, timeout_s: float) -> int:
+        """Close Engine.IO transports that have not connected to the namespace (a token server:
+        authenticated) within ``timeout_s`` of opening, refused ones included; how many. A
+        transport that only answers pings must not hold a connection for ever."""
+        server = self.sio.server
+        eio = server.eio
+        now = self.clock()
+        open_sids = set(eio.sockets)
+        for sid in list(self._transport_seen):
+            if sid not in open_sids:
+                del self._transport_seen[sid]
+        closed = 0
+        for sid in open_sids:
+            if server.manager.sid_from_eio_sid(sid, "/") is not None:
+                self._transport_seen.pop(sid, None)
+                continue
+            since = self._transport_seen.setdefault(sid, now)
+            if now - since > timeout_s:
+                del self._transport_seen[sid]
+                eio.disconnect(sid)
+                closed += 1
+        return closed
 
     def report(self, exc: ProtocolError) -> dict[str, Any]:
         self.metrics.errors.labels(exc.code).inc()
@@ -90,15 +114,16 @@ class StreamNamespace(Namespace):
     # --- connections -------------------------------------------------------------------------
 
     def on_connect(self, auth: Any = None) -> None:
+        # auth is whatever the client sent: a token that is not a string is no token
         token = auth.get("token") if isinstance(auth, dict) else None
         if self.settings.auth_required:
-            if not token_ok(self.settings, token or request_token(request)):
+            role = token_role(self.settings, token or request_token(request))
+            if role is None:
                 self.metrics.errors.labels("UNAUTHORIZED").inc()
                 # The client's connect_error gets {"message": ..., "data": {"code": ...}}.
-                raise ConnectionRefusedError(
-                    "a valid API token is required", {"code": "UNAUTHORIZED"}
-                )
-            self.supervisors.add(_sid())
+                raise ConnectionRefusedError("a valid token is required", {"code": "UNAUTHORIZED"})
+            if role == "supervisor":
+                self.supervisors.add(_sid())
         self.metrics.connections.labels("socketio").inc()
 
     def on_disconnect(self, *_: Any) -> None:
@@ -223,7 +248,7 @@ class StreamNamespace(Namespace):
         if sid not in self.supervisors:  # secure by default: no tokens configured, no monitoring
             raise ProtocolError(
                 "UNAUTHORIZED",
-                "monitoring needs an API token (start the server with VOXAFFECT_API_TOKENS)",
+                "monitoring needs a supervisor token (VOXAFFECT_API_TOKENS; ingest tokens may not)",
             )
         session_id = session_id_of(data or {}, "subscribe", required=False)
         if session_id is None:

@@ -50,8 +50,10 @@ def healthy_audio() -> bytes:
     )
 
 
-def stream_once(url: str, pcm: bytes, speed: float) -> tuple[list[dict], dict, list[dict]]:
-    client = Recorder(url)
+def stream_once(
+    url: str, pcm: bytes, speed: float, token: str | None = None
+) -> tuple[list[dict], dict, list[dict]]:
+    client = Recorder(url, token=token)
     sid = client.start()["session_id"]
     client.stream(sid, pcm, speed=speed)
     summary = client.end(sid)
@@ -69,10 +71,13 @@ def reference(hostile, healthy_audio) -> list[tuple[float, float]]:
 class Healthy:
     """A healthy client streaming in real time, and a /healthz poller, while a test attacks."""
 
-    def __init__(self, server: ServerProcess, pcm: bytes, reference: list) -> None:
+    def __init__(
+        self, server: ServerProcess, pcm: bytes, reference: list, token: str | None = None
+    ) -> None:
         self.server = server
         self.pcm = pcm
         self.reference = reference
+        self.token = token
         self.healthz_ms: list[float] = []
         self.outcome: tuple[list[dict], dict, list[dict]] | None = None
         self._stop = threading.Event()
@@ -82,7 +87,7 @@ class Healthy:
         ]
 
     def _stream(self) -> None:
-        self.outcome = stream_once(self.server.url, self.pcm, speed=2.0)
+        self.outcome = stream_once(self.server.url, self.pcm, speed=2.0, token=self.token)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -107,7 +112,7 @@ class Healthy:
         results, summary, errors = self.outcome
         assert errors == []
         assert [(r["start_s"], r["end_s"]) for r in results] == self.reference
-        assert summary["superseded"] == 0 and summary["failed"] == 0
+        assert summary["expired"] == 0 and summary["failed"] == 0
         worst = max(self.healthz_ms)
         assert worst < HEALTHZ_STALL_MS, f"/healthz stalled: {worst:.0f} ms"
 
