@@ -3,6 +3,7 @@ the seed-style peer (bench/peer.py), in one run with the same client and audio.
 
     python -m bench.streams --model models/large --streams 8              # voxaffect serve
     python -m bench.streams --model models/large --find-capacity --peer   # both, largest N
+    python -m bench.streams --model models/large --overload --peer --burst --engine-bound
     python -m bench.streams --url http://127.0.0.1:5000 --streams 8       # a running server
 
 Every stream is call-like audio: 3 s of speech (espeak-ng, several voices), then 3 s of quiet,
@@ -18,7 +19,14 @@ load is staggered. For each server it reports, measured at the client:
 
 ``--find-capacity`` looks for the largest N with coverage ≥ 0.95, p95 latency ≤ 1.5 s and ping
 p95 ≤ 50 ms (the peer's ping is reported but not held against it: it blocks its event loop by
-design). Servers are started here with their default settings (voxaffect: ``voxaffect serve
+design). ``--overload`` finds it, then runs 1.5x and 2x that many streams and reports, per load,
+every stream's coverage (lowest and mean), p95 and max latency, and the share of due windows the
+server dropped as expired. ``--burst`` runs one stream on the idle server that stalls 4.5 s after
+10 s, then sends the next 15 s at once: how many of the windows due in that burst are analysed.
+``--engine-bound`` times the engine alone, on this machine in this run, in the configuration the
+server chose (dtype, batch, lanes) with every lane busy: engine windows/s ÷ due windows/s per
+stream is the most streams any server could carry here, so capacity ÷ that is the server's
+efficiency. Servers are started here with their default settings (voxaffect: ``voxaffect serve
 --model M``, so dtype, batch and lanes are what it measures, or its cache holds).
 """
 
@@ -96,7 +104,12 @@ class Stream:
         self.sent_at: list[float] = []
         self.latencies: list[float] = []
         self.results = 0
+        self.summary: dict[str, Any] = {}
         self.client = StreamClient(url, on_result=self._result, timeout_s=60)
+
+    @property
+    def coverage(self) -> float:
+        return min(1.0, self.results / self.expected) if self.expected else 1.0
 
     def _result(self, r: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -144,7 +157,7 @@ def trial(url: str, streams: int, seconds: float, peer: bool) -> dict[str, Any]:
     sending_s = time.monotonic() - began
     for s in runs:
         with contextlib.suppress(Exception):  # not ending in time: results not delivered
-            s.client.end(timeout_s=120)
+            s.summary = s.client.end(timeout_s=120)
     stop.set()
     ping_thread.join()
     for s in runs:
@@ -158,19 +171,115 @@ def trial(url: str, streams: int, seconds: float, peer: bool) -> dict[str, Any]:
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
+    coverages = [s.coverage for s in runs]
+    expired = sum(int(s.summary.get("expired", 0)) for s in runs)
     return {
         "streams": streams,
         "seconds": seconds,
         "coverage": round(min(1.0, results / expected) if expected else 0.0, 3),
+        "coverage_min": round(min(coverages), 3),
+        "coverages": [round(c, 2) for c in coverages],
+        "coverage_mean": round(statistics.mean(coverages), 3),
         "results": results,
         "windows_expected": expected,
+        "expired": expired,
+        "expired_share": round(expired / (results + expired), 3) if results + expired else 0.0,
         "results_per_s": round(results / sending_s, 2),
         "latency_p50_s": round(pct(latencies, 0.5), 3),
         "latency_p95_s": round(pct(latencies, 0.95), 3),
+        "latency_max_s": round(latencies[-1], 3) if latencies else float("nan"),
         "ping_p50_ms": round(statistics.median(pings), 1) if pings else None,
         "ping_p95_ms": round(pct(pings, 0.95), 1),
         "ping_max_ms": round(pings[-1], 1) if pings else None,
     }
+
+
+def burst_trial(
+    url: str,
+    before_s: float = 10.0,
+    stall_s: float = 4.5,
+    burst_s: float = 15.0,
+    after_s: float = 5.0,
+) -> dict[str, Any]:
+    """One stream of continuous speech: ``before_s`` in real time, nothing for ``stall_s``, then
+    the next ``burst_s`` at once, then ``after_s`` in real time. How many of the windows that the
+    burst made due (those an unloaded server analyses) are analysed."""
+    total = before_s + burst_s + after_s
+    audio = (
+        np.frombuffer(speech_pcm(total + 1), dtype="<i2").astype(np.float32)[
+            : int(total * SAMPLE_RATE)
+        ]
+        / 32768.0
+    )
+    _, planned = plan_file(audio, ("x",), PipelineConfig())
+    due = {round(w.end_s, 3) for w in planned if before_s < w.end_s <= before_s + burst_s}
+    got: list[float] = []
+    client = StreamClient(url, on_result=lambda r: got.append(round(r["end_s"], 3)), timeout_s=60)
+    client.start()
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = 2 * CHUNK  # bytes of 100 ms
+
+    def send(first_s: float, last_s: float, paced: bool) -> None:
+        began = time.monotonic()
+        for i, at in enumerate(
+            range(int(first_s * SAMPLE_RATE) * 2, int(last_s * SAMPLE_RATE) * 2, step)
+        ):
+            client.send(pcm[at : at + step])
+            if paced:
+                time.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))
+
+    send(0.0, before_s, paced=True)
+    time.sleep(stall_s)
+    send(before_s, before_s + burst_s, paced=False)
+    send(before_s + burst_s, total, paced=True)
+    summary = client.end(timeout_s=120)
+    client.close()
+    analysed = len(due & set(got))
+    return {
+        "burst_windows_due": len(due),
+        "burst_windows_analysed": analysed,
+        "expired": int(summary.get("expired", 0)),
+        "all_analysed": analysed == len(due),
+    }
+
+
+def due_per_stream_s(seconds: float) -> float:
+    """Windows an unloaded server analyses a second of a call-like stream (the mean of the
+    staggered phases one trial uses)."""
+    phases = 6
+    counts = [
+        reference_windows(call_like(seconds, i * (SPEECH_S + QUIET_S) / phases), False)
+        for i in range(phases)
+    ]
+    return statistics.mean(counts) / seconds
+
+
+def engine_bound(model: str, dtype: str, batch: int, lanes: int) -> float:
+    """Windows/s of the engine alone in this configuration, every lane busy (bench/engine.py's
+    serving-path candidate), timed in a process of its own on the otherwise idle machine."""
+    code = (
+        "import json, os, sys\n"
+        "from bench.engine import candidate, speech_windows\n"
+        f"row = candidate({model!r}, {dtype!r}, {batch}, {lanes}, speech_windows(16), "
+        "os.cpu_count() or 1, 2)\n"
+        "print(json.dumps({'s_per_window': row['s_per_window']}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return 1.0 / json.loads(out.strip().splitlines()[-1])["s_per_window"]
+
+
+def overload(url: str, seconds: float, capacity: int, log: list) -> list[dict[str, Any]]:
+    """1x, 1.5x and 2x the capacity found."""
+    rows = []
+    for factor in (1.0, 1.5, 2.0):
+        row = trial(url, max(1, round(capacity * factor)), seconds, False)
+        row["load"] = factor
+        rows.append(row)
+        log.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
 
 
 def passes(row: dict[str, Any], peer: bool) -> bool:
@@ -228,6 +337,11 @@ def started(command: list[str], port: int, work: Path) -> Iterator[str]:
         log.close()
 
 
+def _info(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/api/info", timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory: start the servers here")
@@ -235,12 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
     p.add_argument("--find-capacity", action="store_true")
+    p.add_argument("--overload", action="store_true", help="capacity, then 1.5x and 2x it")
+    p.add_argument("--burst", action="store_true", help="a burst after a stall, idle server")
+    p.add_argument("--engine-bound", action="store_true", help="the engine alone, same run")
     p.add_argument("--peer", action="store_true", help="also the seed-style peer, same run")
     p.add_argument("--most", type=int, default=64, help="largest N --find-capacity tries")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if not args.url and not args.model:
         p.error("give --model (servers started here) or --url")
+    if args.engine_bound and not args.model:
+        p.error("--engine-bound needs --model")
     work = Path(tempfile.mkdtemp(prefix="voxaffect-bench-"))
     report: dict[str, Any] = {"targets": TARGETS, "servers": {}}
     servers: list[tuple[str, bool, Any]] = []
@@ -248,54 +367,48 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(("voxaffect", False, args.url))
     else:
         port = free_port()
-        servers.append(
-            (
-                "voxaffect",
-                False,
-                [
-                    sys.executable,
-                    "-m",
-                    "server.cli",
-                    "serve",
-                    "--model",
-                    args.model,
-                    "--port",
-                    str(port),
-                    "--db",
-                    str(work / "bench.db"),
-                ],
-            )
-        )
+        command = [sys.executable, "-m", "server.cli", "serve", "--model", args.model]
+        command += ["--port", str(port), "--db", str(work / "bench.db")]
+        servers.append(("voxaffect", False, command))
         if args.peer:
-            servers.append(
-                (
-                    "peer",
-                    True,
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.peer",
-                        "--model",
-                        args.model,
-                        "--port",
-                        str(free_port()),
-                    ],
-                )
-            )
+            peer_port = str(free_port())
+            command = [sys.executable, "-m", "bench.peer", "--model", args.model]
+            servers.append(("peer", True, [*command, "--port", peer_port]))
+    tuning: dict[str, Any] = {}
     for name, peer, target in servers:
         log: list[dict[str, Any]] = []
+        entry: dict[str, Any] = {"trials": log, "capacity": None}
         if isinstance(target, str):
             url_cm: Any = nullcontext(target)
         else:
             url_cm = started(target, int(target[target.index("--port") + 1]), work)
         with url_cm as url:
-            if args.find_capacity:
-                capacity = find_capacity(url, args.seconds, peer, args.most, log)
+            if not peer:
+                tuning = _info(url)["model"].get("tuning", {})
+                entry["tuning"] = tuning
+                if args.burst:
+                    entry["burst"] = burst_trial(url)
+                    print(json.dumps(entry["burst"]), file=sys.stderr, flush=True)
+            if args.find_capacity or args.overload:
+                entry["capacity"] = find_capacity(url, args.seconds, peer, args.most, log)
+                if args.overload and not peer:
+                    entry["overload"] = overload(url, args.seconds, entry["capacity"], [])
             else:
                 log.append(trial(url, args.streams, args.seconds, peer))
-                capacity = None
-        report["servers"][name] = {"trials": log, "capacity": capacity}
-    if "peer" in report["servers"] and args.find_capacity:
+        report["servers"][name] = entry
+    if args.engine_bound and tuning:
+        wps = engine_bound(args.model, tuning["dtype"], tuning["max_batch"], tuning["lanes"])
+        per_stream = due_per_stream_s(args.seconds)
+        bound = wps / per_stream
+        report["engine"] = {
+            "windows_per_s": round(wps, 2),
+            "due_windows_per_s_per_stream": round(per_stream, 3),
+            "bound_streams": round(bound, 1),
+        }
+        ours = report["servers"]["voxaffect"]["capacity"]
+        if ours:
+            report["engine"]["efficiency"] = round(ours / bound, 3)
+    if "peer" in report["servers"] and report["servers"]["peer"]["capacity"] is not None:
         ours = report["servers"]["voxaffect"]["capacity"]
         theirs = report["servers"]["peer"]["capacity"]
         report["capacity_ratio"] = round(ours / theirs, 2) if theirs else None
@@ -303,21 +416,52 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print("| server | streams | coverage | latency p50 / p95 | ping p50 / p95 / max | results/s |")
-    print("|---|---|---|---|---|---|")
+    print(format_report(report))
+    return 0
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [
+        "| server | streams | coverage (min / mean) | latency p50 / p95 / max | expired "
+        "| ping p50 / p95 / max | results/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, data in report["servers"].items():
-        for r in data["trials"]:
-            print(
-                f"| {name} | {r['streams']} | {r['coverage']:.2f} | {r['latency_p50_s']:.2f} / "
-                f"{r['latency_p95_s']:.2f} s | {r['ping_p50_ms']} / {r['ping_p95_ms']} / "
+        for r in data["trials"] + data.get("overload", []):
+            load = f" ({r['load']:g}x)" if "load" in r else ""
+            lines.append(
+                f"| {name} | {r['streams']}{load} | {r['coverage']:.2f} ({r['coverage_min']:.2f}"
+                f" / {r['coverage_mean']:.2f}) | {r['latency_p50_s']:.2f} / "
+                f"{r['latency_p95_s']:.2f} / {r['latency_max_s']:.2f} s | "
+                f"{r['expired_share']:.0%} | {r['ping_p50_ms']} / {r['ping_p95_ms']} / "
                 f"{r['ping_max_ms']} ms | {r['results_per_s']} |"
             )
     for name, data in report["servers"].items():
         if data["capacity"] is not None:
-            print(f"\n{name}: capacity {data['capacity']} streams")
+            lines.append(f"\n{name}: capacity {data['capacity']} streams")
+        if data.get("tuning"):
+            t = data["tuning"]
+            lines.append(
+                f"{name}: tuned {t['dtype']}, batch {t['max_batch']}, {t['lanes']} lanes, "
+                f"{t['windows_per_s']:.2f} windows/s at start"
+            )
+        if data.get("burst"):
+            b = data["burst"]
+            lines.append(
+                f"{name}: burst after a stall: {b['burst_windows_analysed']} of "
+                f"{b['burst_windows_due']} windows due analysed ({b['expired']} expired)"
+            )
+    if report.get("engine"):
+        e = report["engine"]
+        lines.append(
+            f"engine alone: {e['windows_per_s']} windows/s ÷ {e['due_windows_per_s_per_stream']} "
+            f"due windows/s per stream = {e['bound_streams']} streams at most"
+        )
+        if "efficiency" in e:
+            lines.append(f"voxaffect capacity ÷ engine bound: {e['efficiency']:.0%}")
     if report.get("capacity_ratio"):
-        print(f"voxaffect / peer capacity: {report['capacity_ratio']}x")
-    return 0
+        lines.append(f"voxaffect / peer capacity: {report['capacity_ratio']}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

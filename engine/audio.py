@@ -9,6 +9,7 @@ Every problem with the input raises :class:`AudioFormatError`.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ MIN_RATE = 8_000
 MAX_RATE = 48_000
 MAX_CHANNELS = 8
 
-_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+RAW_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
 _G711_SUBTYPE = {"mulaw": "ULAW", "alaw": "ALAW"}
 
 
@@ -74,7 +75,7 @@ def decode_chunk(data: bytes, fmt: AudioFormat) -> tuple[np.ndarray, int]:
         raise AudioFormatError("empty audio chunk")
     if fmt.encoding == "wav":
         return _decode_wav(data)
-    frame_bytes = _BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
+    frame_bytes = RAW_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
     if len(data) % frame_bytes:
         raise AudioFormatError(
             f"{len(data)} bytes is not a whole number of {fmt.encoding} frames "
@@ -200,27 +201,100 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return np.asarray(soxr.resample(samples, rate, target), dtype=np.float32)
 
 
-def load_file(source: str | Path | bytes) -> tuple[np.ndarray, int]:
-    """Read a WAV/FLAC/OGG/MP3 file (path or bytes) -> (mono float32 at 16 kHz, original rate).
+MAX_FILE_RATE = 192_000
+FILE_BLOCK_S = 10.0  # seconds of a file decoded at a time
 
-    libsndfile reads all four; librosa (audioread) is tried for anything it cannot.
-    """
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    sample_rate: int
+    channels: int
+    duration_s: float  # from the header (an estimate for some compressed formats)
+
+
+def _libsndfile_message(exc: Exception) -> str:
+    """libsndfile's own words, without the repr of the Python object it was handed."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    return text.split(": ", 1)[1] if text.startswith("Error opening <") else text
+
+
+def file_blocks(
+    source: str | Path | bytes, *, max_seconds: float | None = None
+) -> tuple[FileInfo, Iterator[np.ndarray]]:
+    """A WAV/FLAC/OGG/MP3 file (path or bytes): its header, checked before anything is decoded
+    (rate, channels, and a duration within ``max_seconds``), and its audio as mono float32 at
+    16 kHz, decoded ``FILE_BLOCK_S`` at a time — so memory does not grow with what the header
+    claims, and a file whose decoded length exceeds ``max_seconds`` stops with an error."""
     handle: str | io.BytesIO = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
-        samples, rate = sf.read(handle, dtype="float32", always_2d=True)
+        header = sf.info(handle)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioFormatError(f"unreadable audio file: {_libsndfile_message(exc)}") from None
+    rate, channels = int(header.samplerate), int(header.channels)
+    if not MIN_RATE <= rate <= MAX_FILE_RATE:
+        raise AudioFormatError(f"file sample rate {rate} Hz is outside {MIN_RATE}-{MAX_FILE_RATE}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioFormatError(f"the file has {channels} channels; at most {MAX_CHANNELS}")
+    duration = max(0, int(header.frames)) / rate
+    if max_seconds is not None and duration > max_seconds:
+        raise AudioFormatError(
+            f"the file holds {duration:.0f} s of audio; at most {max_seconds:g} s", "INVALID_AUDIO"
+        )
+    if isinstance(handle, io.BytesIO):
+        handle.seek(0)
+    info = FileInfo(rate, channels, duration)
+    return info, _decoded_blocks(handle, info, max_seconds)
+
+
+def _decoded_blocks(
+    handle: str | io.BytesIO, info: FileInfo, max_seconds: float | None
+) -> Iterator[np.ndarray]:
+    resampler = (
+        None
+        if info.sample_rate == SAMPLE_RATE
+        else soxr.ResampleStream(info.sample_rate, SAMPLE_RATE, 1, dtype="float32")
+    )
+    frames = 0
+    try:
+        blocks = sf.blocks(
+            handle, blocksize=int(FILE_BLOCK_S * info.sample_rate), dtype="float32", always_2d=True
+        )
+        for block in blocks:
+            frames += block.shape[0]
+            if max_seconds is not None and frames / info.sample_rate > max_seconds:
+                raise AudioFormatError(f"the file holds more than {max_seconds:g} s of audio")
+            mono = downmix(_full_scale(block))
+            yield mono if resampler is None else resampler.resample_chunk(mono)
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        raise AudioFormatError(f"unreadable audio file: {_libsndfile_message(exc)}") from None
+    if resampler is not None:
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+    if frames == 0:
+        raise AudioFormatError("audio file holds no samples")
+
+
+def load_file(
+    source: str | Path | bytes, *, max_seconds: float | None = None
+) -> tuple[np.ndarray, int]:
+    """A whole WAV/FLAC/OGG/MP3 file (path or bytes) -> (mono float32 at 16 kHz, original rate).
+
+    libsndfile reads all four; librosa (audioread) is tried for a path it cannot read.
+    """
+    try:
+        info, blocks = file_blocks(source, max_seconds=max_seconds)
+        return np.concatenate([np.asarray(b, dtype=np.float32) for b in blocks]), info.sample_rate
+    except AudioFormatError:
         if isinstance(source, bytes):
-            raise AudioFormatError(f"unreadable audio file: {exc}") from exc
+            raise
         try:
             import librosa
 
             mono, rate = librosa.load(str(source), sr=None, mono=True)
         except Exception as exc2:  # audioread raises several unrelated types
             raise AudioFormatError(f"unreadable audio file {source}: {exc2}") from exc2
-        samples = np.asarray(mono, dtype=np.float32)[:, None]
+    samples = np.asarray(mono, dtype=np.float32)[:, None]
     if samples.size == 0:
         raise AudioFormatError("audio file holds no samples")
-    mono = downmix(_full_scale(samples))
-    if not MIN_RATE <= rate <= 192_000:
+    if not MIN_RATE <= rate <= MAX_FILE_RATE:
         raise AudioFormatError(f"file sample rate {rate} Hz is out of range")
-    return resample(mono, int(rate)), int(rate)
+    return resample(downmix(_full_scale(samples)), int(rate)), int(rate)

@@ -1,25 +1,31 @@
 """HTTP endpoints: probes, metrics, stored timelines and whole-file analysis.
 
 ``/healthz``, ``/readyz`` and ``/metrics`` are open (probes and scrapers); everything under
-``/api/`` needs an API token when tokens are configured, except ``/api/info``. Every error is
-JSON: ``{"error": {"code", "message"}}``.
+``/api/`` needs a token when tokens are configured, except ``/api/info``: ``POST /api/analyze``
+an ingest or supervisor token, every read and delete a supervisor token (server/auth.py). A
+request that changes state (POST, DELETE) from a browser page of another origin is refused, so a
+page cannot use a server without tokens. Every error is JSON: ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import logging
+import math
+import secrets
+import threading
 import time
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from engine.audio import AudioFormatError, load_file
+from engine.audio import AudioFormatError, file_blocks
 from server import wire
 from server.alerts import SEVERITIES
-from server.auth import request_token, token_ok
+from server.auth import allowed, client_address, origin_allowed, request_token
 from server.factory import SessionFactory
 from server.protocol import ProtocolError, describe_id, valid_id
 from server.service import Service
@@ -43,7 +49,7 @@ def register_error_handlers(app: Flask, service: Service) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
-        code = "UNKNOWN_SESSION" if exc.code == 404 else "INVALID_MESSAGE"
+        code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.code or 0, "INVALID_MESSAGE")
         return error(exc.code or 500, code, exc.description or exc.name)
 
     @app.errorhandler(Exception)
@@ -54,19 +60,23 @@ def register_error_handlers(app: Flask, service: Service) -> None:
 
 def _epoch(value: str) -> float:
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        return datetime.datetime.fromisoformat(value).timestamp()
+        seconds = datetime.datetime.fromisoformat(value).timestamp()
+    if not math.isfinite(seconds):
+        raise ValueError(value)
+    return seconds
 
 
-def _who(req: Any) -> dict[str, str]:
-    """Who made a request, for an audit log: the client's address (as the proxy saw it) and a
-    fingerprint of its token (never the token)."""
-    token = request_token(req)
-    return {
-        "remote": req.headers.get("X-Forwarded-For", req.remote_addr or "").split(",")[0].strip(),
-        "token_sha256": hashlib.sha256(token.encode()).hexdigest()[:12] if token else "none",
-    }
+_AUDIT_KEY = secrets.token_bytes(32)  # fingerprints compare within one run of the server
+
+
+def token_fingerprint(token: str | None) -> str:
+    """A keyed hash of a token for an audit log: comparable between lines of one run, useless
+    for guessing the token offline."""
+    if not token:
+        return "none"
+    return hmac.new(_AUDIT_KEY, token.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
@@ -77,10 +87,17 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
 
     @bp.before_request
     def check_token() -> tuple[Response, int] | None:
-        protected = request.path.startswith("/api/") and request.path != "/api/info"
-        if protected and not token_ok(settings, request_token(request)):
+        if not request.path.startswith("/api/") or request.path == "/api/info":
+            return None
+        if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+            origin = request.headers.get("Origin")
+            if origin is not None and not origin_allowed(settings, origin, request.environ):
+                service.metrics.errors.labels("UNAUTHORIZED").inc()
+                return error(403, "UNAUTHORIZED", f"origin {origin[:80]} may not change state")
+        need = "ingest" if request.path == "/api/analyze" else "supervisor"
+        if not allowed(settings, request_token(request), need):
             service.metrics.errors.labels("UNAUTHORIZED").inc()
-            return error(401, "UNAUTHORIZED", "a valid API token is required")
+            return error(401, "UNAUTHORIZED", f"a valid {need} token is required")
         return None
 
     @bp.get("/healthz")
@@ -89,20 +106,31 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
 
     @bp.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        ready = service.ready
+        """200 while new sessions are welcome here; 503 while the model is not serving yet, or
+        while live demand exceeds capacity by the saturation margin (sessions already running
+        carry on: a load balancer should send new ones elsewhere)."""
+        load = service.current_load()
+        ready = service.ready and not load.saturated
+        if not service.ready:
+            status = "starting"
+        elif load.saturated:
+            status = "saturated"
+        else:
+            status = "degraded" if store.degraded else "ready"
         body = {
             "ready": ready,
-            "status": "degraded" if store.degraded else ("ready" if ready else "starting"),
+            "status": status,
             "model": service.model_info,
             "store": service.describe_store(),
             "sessions": len(service.registry),
+            "load": load.as_dict(),
         }
         return jsonify(body), 200 if ready else 503
 
     @bp.get("/metrics")
     def metrics() -> Response:
         service.metrics.sample_gpu()
-        service.metrics.sample_load()
+        service.metrics.sample_load(service.current_load())
         return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     @bp.get("/api/info")
@@ -151,7 +179,7 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         since_arg = request.args.get("since", "")
         try:
             since = _epoch(since_arg) if since_arg else time.time() - 86_400.0
-        except ValueError:
+        except (ValueError, OverflowError):
             return error(400, "INVALID_MESSAGE", f"since: {since_arg[:40]!r} is not a time")
         severities = tuple(s for s in request.args.get("severity", "").split(",") if s)
         bad = set(severities) - set(SEVERITIES)
@@ -176,26 +204,47 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         offload(store.delete_session, session_id)
         log.warning(
             "session deleted on request",
-            extra={"session_id": session_id, **_who(request)},
+            extra={
+                "session_id": session_id,
+                "remote": client_address(settings, request.environ),
+                "token": token_fingerprint(request_token(request)),
+            },
         )
         return Response(status=204)
 
+    analyses = threading.BoundedSemaphore(settings.max_concurrent_analyses)
+
     @bp.post("/api/analyze")
     def analyze() -> Response | tuple[Response, int]:
+        if request.content_length is None:
+            return error(411, "INVALID_MESSAGE", "send the upload with a Content-Length")
         upload = request.files.get("file")
         if upload is None:
             return error(400, "INVALID_MESSAGE", "send the audio as multipart field 'file'")
-        data = upload.read()
+        if not analyses.acquire(blocking=False):
+            service.metrics.errors.labels("OVERLOADED").inc()
+            response, status = error(
+                503,
+                "OVERLOADED",
+                f"{settings.max_concurrent_analyses} files are being analysed; retry shortly",
+            )
+            response.headers["Retry-After"] = "10"
+            return response, status
         try:
-            samples, rate = offload(load_file, data)
-        except AudioFormatError as exc:
-            service.metrics.errors.labels(exc.code).inc()
-            return error(400, exc.code, str(exc))
-        try:
-            timeline: dict[str, Any] = factory.analyse_file(samples, narrowband=rate < 16000)
-        except ProtocolError as exc:
-            service.metrics.errors.labels(exc.code).inc()
-            return error(500, exc.code, exc.message)
+            data = upload.read()
+            try:
+                info, blocks = offload(file_blocks, data, max_seconds=settings.max_upload_s)
+                timeline: dict[str, Any] = factory.analyse_file(
+                    blocks, narrowband=info.sample_rate < 16000
+                )
+            except AudioFormatError as exc:
+                service.metrics.errors.labels(exc.code).inc()
+                return error(400, exc.code, str(exc))
+            except ProtocolError as exc:
+                service.metrics.errors.labels(exc.code).inc()
+                return error(500, exc.code, exc.message)
+        finally:
+            analyses.release()
         timeline["file"] = (upload.filename or "")[:255]
         return jsonify(timeline)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -22,14 +22,16 @@ from engine.audio import AudioFormat
 from engine.pipeline import StreamPipeline
 from server.analysis import WindowAnalyser
 from server.events import Ended, Error, Event, Result, Started
+from server.metrics import Load
 from server.protocol import ProtocolError, describe_id, valid_id
-from server.runner import FILE, LIVE, SessionRunner, Track
+from server.runner import FILE, SessionRunner, Track, WindowPolicy
 from server.runtime import ThreadRuntime
 from server.sessions import Session, SessionRegistry
 from server.settings import Settings
 from server.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 10.0  # a refused client's retry hint: demand is measured over the last 10 s
 
 
 class SessionFactory:
@@ -43,9 +45,11 @@ class SessionFactory:
         publish: Callable[[Event], None],
         runtime: ThreadRuntime,
         model_info: dict[str, Any],
+        load: Callable[[], Load] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._load = load
         self.registry = registry
         self.store = store
         self.analyser = analyser
@@ -54,6 +58,7 @@ class SessionFactory:
         self.model_info = model_info
         self.labels = tuple(model_info["labels"])
         self.random_weights = bool(model_info.get("random_weights"))
+        self.live = WindowPolicy(latency_budget_s=settings.latency_budget_s)
         self._clock = clock
 
     def config(self, fmt: AudioFormat) -> dict[str, Any]:
@@ -95,6 +100,7 @@ class SessionFactory:
         """A new live session with its runner started. Raises ProtocolError (INVALID_MESSAGE,
         SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened. ``owner`` and ``connection``
         are set before the session can be found, so a takeover can never miss them."""
+        self._admit()
         if session_id is None:
             session_id = self.registry.new_id()
         elif not valid_id(session_id):
@@ -128,7 +134,7 @@ class SessionFactory:
             analyse=self.analyser,
             publish=self.publish,
             runtime=self.runtime,
-            policy=LIVE,
+            policy=self.live,
             random_weights=self.random_weights,
             inbox_max_bytes=self.settings.inbox_max_bytes,
             feed_max_bytes=self.settings.max_chunk_bytes,
@@ -143,6 +149,20 @@ class SessionFactory:
             extra={"session_id": session_id, "source": source, "format": fmt},
         )
         return runner
+
+    def _admit(self) -> None:
+        """With ``saturation_policy=refuse``, a saturated server refuses new sessions (OVERLOADED,
+        retry later or elsewhere); with ``shed`` it takes them and every stream thins evenly."""
+        if self.settings.saturation_policy != "refuse" or self._load is None:
+            return
+        load = self._load()
+        if load.saturated:
+            raise ProtocolError(
+                "OVERLOADED",
+                f"the server is saturated (demand {load.demand:.1f} windows/s, capacity "
+                f"{load.capacity:.1f}); retry later or on another node",
+                retry_after_s=RETRY_AFTER_S,
+            )
 
     def _claim(self, session: Session, config: dict[str, Any]) -> None:
         """Write the session's row now; an id the store already holds is refused."""
@@ -166,8 +186,10 @@ class SessionFactory:
                 session.id,
             )
 
-    def analyse_file(self, samples: np.ndarray, narrowband: bool) -> dict[str, Any]:
-        """A whole mono 16 kHz signal's timeline, analysed as a stream with bulk priority."""
+    def analyse_file(self, blocks: Iterable[np.ndarray], narrowband: bool) -> dict[str, Any]:
+        """The timeline of a mono 16 kHz signal given in blocks (engine.audio.file_blocks:
+        decoded as they are taken, so a file is never whole in memory), analysed as a stream
+        with bulk priority. AudioFormatError from the blocks ends the analysis and is raised."""
         session = Session(id="file", source="file", format=AudioFormat())
         frames: list[dict[str, Any]] = []
         errors: list[Error] = []
@@ -198,10 +220,14 @@ class SessionFactory:
         )
         self.runtime.spawn(runner.run)
         step = SAMPLE_RATE  # one second of float32 per push
-        for at in range(0, samples.shape[0], step):
-            runner.push(None, samples[at : at + step], block=True)
-        runner.end("file analysed")
-        done.wait()
+        source = iter(blocks)
+        try:
+            while (samples := self.runtime.offload(next, source, None)) is not None:
+                for at in range(0, samples.shape[0], step):
+                    runner.push(None, samples[at : at + step], block=True)
+        finally:
+            runner.end("file analysed")
+            done.wait()
         if errors and not frames:
             first = errors[0]
             raise ProtocolError(

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -25,16 +26,45 @@ from prometheus_client import (
     generate_latest,
 )
 
+from engine.fallback import REASONS as FALLBACK_REASONS
+from server.events import SKIP_REASONS
+from server.listener import REFUSALS
 from server.protocol import ERROR_CODES
 
 disable_created_metrics()  # *_created series only clutter the exposition
 
 log = logging.getLogger(__name__)
 
-FALLBACK_REASONS = ("timeout", "oom", "error", "circuit_open", "busy")
-SKIP_REASONS = ("silence", "superseded")
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """How busy the model is: capacity and live demand in windows a second."""
+
+    capacity: float
+    demand: float
+    lanes: int
+    margin: float
+
+    @property
+    def saturated(self) -> bool:
+        return self.demand > self.capacity * (1.0 + self.margin)
+
+    @property
+    def headroom(self) -> float:
+        """Share of the capacity not in demand (negative past saturation)."""
+        return 1.0 - self.demand / self.capacity if self.capacity > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "capacity_windows_per_s": round(self.capacity, 2),
+            "demand_windows_per_s": round(self.demand, 2),
+            "headroom": round(self.headroom, 3),
+            "saturated": self.saturated,
+        }
+
+
 PROSODY_FAILURES = ("timeout", "died", "error")
-STORE_ERRORS = ("unreachable", "rejected", "dropped")
+STORE_ERRORS = ("unreachable", "slow", "rejected", "dropped")
 WEBHOOK_FAILURES = ("queue_full", "unreachable", "status", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -83,6 +113,12 @@ class Metrics:
         )
         self.active_sessions = Gauge(p + "active_sessions", "Open sessions", ["source"], registry=r)
         self.connections = Gauge(p + "connections", "Connected clients", ["transport"], registry=r)
+        self.connections_refused = Counter(
+            p + "connections_refused",
+            "Connections refused or closed before a request reached the application, by why",
+            ["reason"],
+            registry=r,
+        )
         self.errors = Counter(p + "errors", "Errors reported to clients", ["code"], registry=r)
         self.emotion_results = Counter(
             p + "emotion_results", "Results by top emotion", ["emotion"], registry=r
@@ -125,12 +161,23 @@ class Metrics:
         )
         self.capacity = Gauge(
             p + "capacity_windows_per_second",
-            "Windows a second the model can analyse here (measured at start)",
+            "Live windows a second the model can analyse here, as its batches take now "
+            "(measured at start, corrected while serving)",
+            registry=r,
+        )
+        self.demand = Gauge(
+            p + "demand_windows_per_second",
+            "Live windows that came due a second, over the last 10 s",
+            registry=r,
+        )
+        self.saturated = Gauge(
+            p + "saturated",
+            "1 while demand exceeds capacity by more than the saturation margin",
             registry=r,
         )
         self.model_utilization = Gauge(
             p + "model_utilization_ratio",
-            "Share of the last 10 s the model was busy: 1 - headroom",
+            "Share of the last 10 s the model's lanes were busy",
             registry=r,
         )
         self._busy: deque[tuple[float, float]] = deque()  # (batch end, seconds), last 10 s
@@ -165,6 +212,8 @@ class Metrics:
             self.active_sessions.labels(source)
         for transport in ("socketio", "telephony"):
             self.connections.labels(transport)
+        for reason in REFUSALS:
+            self.connections_refused.labels(reason)
 
     def watch_rules(self, rules: list[tuple[str, str]]) -> None:
         """Every configured (rule, severity) from zero, so a quiet rule shows as 0, not absent."""
@@ -214,13 +263,17 @@ class Metrics:
     def queue_changed(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
-    def sample_load(self, window_s: float = 10.0) -> None:
-        """The model's busy share over the last ``window_s`` (read at each scrape)."""
+    def sample_load(self, load: Load, window_s: float = 10.0) -> None:
+        """Capacity, demand and the lanes' busy share over the last ``window_s`` (read at each
+        scrape)."""
         now = time.monotonic()
         while self._busy and self._busy[0][0] < now - window_s:
             self._busy.popleft()
         busy = sum(min(seconds, end - (now - window_s)) for end, seconds in self._busy)
-        self.model_utilization.set(round(min(1.0, busy / window_s), 4))
+        self.model_utilization.set(round(min(1.0, busy / window_s / load.lanes), 4))
+        self.capacity.set(round(load.capacity, 3))
+        self.demand.set(round(load.demand, 3))
+        self.saturated.set(int(load.saturated))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ from typing import Any
 
 import soundfile as sf
 
-from engine.audio import MAX_RATE, MIN_RATE, AudioFormat, AudioFormatError
+from engine.audio import MAX_RATE, MIN_RATE, RAW_BYTES_PER_SAMPLE, AudioFormat, AudioFormatError
 
 ERROR_CODES = (
     "INVALID_MESSAGE",  # not an object, a missing or mistyped field
@@ -27,26 +27,38 @@ ERROR_CODES = (
     "SESSION_OPEN",  # deleting a session that has not ended
     "RATE_LIMITED",
     "SESSION_LIMIT",
+    "OVERLOADED",  # saturated, with saturation_policy=refuse: retry after retry_after_s
     "UNAUTHORIZED",
     "INFERENCE_TIMEOUT",
     "INFERENCE_FAILED",
+    "NOT_FOUND",  # HTTP: no such route
+    "METHOD_NOT_ALLOWED",  # HTTP: the route takes another method
 )
 _SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
 
 
 class ProtocolError(Exception):
-    def __init__(self, code: str, message: str, session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        session_id: str | None = None,
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
         self.session_id = session_id
+        self.retry_after_s = retry_after_s
 
     def payload(self) -> dict[str, Any]:
         out: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.session_id:
             out["session_id"] = self.session_id
+        if self.retry_after_s is not None:
+            out["retry_after_s"] = self.retry_after_s
         return out
 
 
@@ -153,7 +165,7 @@ def chunk_seconds(data: bytes, fmt: AudioFormat) -> float:
     """Audio duration of a chunk, from its size (or a wav chunk's header, which must be valid:
     its rate decides how much audio the chunk claims to hold)."""
     if fmt.encoding != "wav":
-        return len(data) / (_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels * fmt.sample_rate)
+        return len(data) / (RAW_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels * fmt.sample_rate)
     try:
         info = sf.info(io.BytesIO(data))
     except Exception:  # libsndfile reports several unrelated types for garbage

@@ -22,13 +22,20 @@ import torch
 
 from engine.batcher import InferenceBatcher
 from engine.fallback import CircuitBreaker, FallbackPredictor
-from engine.lanes import Lanes, Predictor
+from engine.lanes import Lane, Predictor
 from engine.model import EmotionModel, load_model
 from engine.prosody import Prosody
-from engine.tuning import Choice, ChoiceCache, fingerprint, machine_key, tune
+from engine.tuning import (
+    SERVING_LOAD_SHARE,
+    Choice,
+    ChoiceCache,
+    fingerprint,
+    machine_key,
+    tune,
+)
 from server import wire
 from server.analysis import WindowAnalyser
-from server.metrics import Metrics
+from server.metrics import Load, Metrics
 from server.prosody_pool import InProcessProsody, ProsodyPool
 from server.runtime import EventletRuntime, ThreadRuntime
 from server.sessions import SessionRegistry
@@ -39,6 +46,9 @@ log = logging.getLogger(__name__)
 # How long a restarted node waits for the sessions its previous run left open to be committed as
 # interrupted before it says it is ready (a busy database or CPU can take seconds)
 RECOVERY_FLUSH_S = 30.0
+# What a result takes from the model's answer to its client (prosody is measured meanwhile;
+# then scoring, the store's commit and the emit): the batcher keeps it out of the latency budget.
+DELIVERY_S = 0.1
 
 WrapPredictor = Callable[[Predictor], Predictor]
 
@@ -67,15 +77,14 @@ class Service:
         }
         self.metrics = Metrics(tuple(self.model_info["labels"]))
         self.metrics.describe_model(self.model_info)
-        self.metrics.capacity.set(choice.windows_per_s)
         cores = settings.cpu_threads or os.cpu_count() or 1
-        predictor: Predictor = Lanes(
-            model, lanes=choice.lanes, cpu_threads=cores, offload=runtime.offload
+        predictor: Predictor = Lane(
+            model, threads=max(1, cores // choice.lanes), offload=runtime.offload
         )
         if fallback is not None:
             predictor = FallbackPredictor(
                 predictor,
-                Lanes(fallback, lanes=min(2, cores), cpu_threads=cores, offload=runtime.offload),
+                Lane(fallback, threads=cores, offload=runtime.offload),
                 deadline_s=settings.deadline_s,
                 breaker=CircuitBreaker(clock=clock),
                 on_fallback=self.metrics.fallback,
@@ -86,8 +95,14 @@ class Service:
             predictor,
             max_batch=choice.max_batch,
             max_wait_ms=settings.max_wait_ms,
-            bulk_max_batch=max(1, choice.lanes),
+            bulk_max_batch=1,
+            lanes=choice.lanes,
+            # a window takes (wall time per window with every lane busy) x lanes in its lane
+            # (as set by hand, unmeasured: a guess the first batches correct)
+            seconds_per_window=choice.ms_per_window / 1000 * choice.lanes or 0.1,
+            slack_s=DELIVERY_S,
             observer=self.metrics,
+            clock=clock,
         )
         self.prosody: ProsodyPool | InProcessProsody = (
             ProsodyPool(runtime, settings.prosody_workers, settings.prosody_timeout_s)
@@ -131,7 +146,7 @@ class Service:
             threads=threads,
             trusted=settings.trust_checkpoint,
         )
-        choice = choose(settings, model, threads)
+        choice = choose(settings, model, threads, runtime)
         serving = model if choice.dtype == "fp32" else model.converted(choice.dtype)
         fallback = None
         if model.device.startswith("cuda") and settings.cpu_fallback:
@@ -155,6 +170,15 @@ class Service:
             )
         return cls(
             settings, runtime, serving, choice, fallback=fallback, wrap_predictor=wrap_predictor
+        )
+
+    def current_load(self) -> Load:
+        """Capacity and live demand now (windows a second): saturated past the margin."""
+        return Load(
+            capacity=self.batcher.capacity_windows_per_s,
+            demand=self.batcher.demand_windows_per_s(),
+            lanes=self.batcher.lanes,
+            margin=self.settings.saturation_margin,
         )
 
     def measure(self, samples: np.ndarray, narrowband: bool) -> Prosody:
@@ -194,7 +218,7 @@ class Service:
         self.prosody.close()
 
 
-def choose(settings: Settings, model: EmotionModel, threads: int) -> Choice:
+def choose(settings: Settings, model: EmotionModel, threads: int, runtime: ThreadRuntime) -> Choice:
     """dtype, max batch and CPU lanes: as set, or measured on this device (engine/tuning.py)
     and cached per machine, torch version and checkpoint."""
     dtype = None if settings.dtype == "auto" else settings.dtype
@@ -230,9 +254,11 @@ def choose(settings: Settings, model: EmotionModel, threads: int) -> Choice:
         device=model.device,
         dtypes=(dtype,) if dtype else None,
         batches=(max_batch,) if max_batch else (1, 2, 4, 8),
-        lanes=(lanes,) if lanes else (1, 2),
+        lanes=(lanes,) if lanes else tuple(sorted({1, threads})),
         cpu_threads=threads,
-        batch_budget_s=min(settings.deadline_s, 0.75),
+        batch_budget_s=min(settings.deadline_s, settings.latency_budget_s / 2),
+        background_share=SERVING_LOAD_SHARE,
+        offload=runtime.offload,
     )
     log.info("tuned", extra={**choice.describe(), "candidates": len(choice.candidates)})
     for row in choice.candidates:

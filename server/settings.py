@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from engine.pipeline import PipelineConfig
 from server.store import database_url, redacted
 
 ENV_PREFIX = "VOXAFFECT_"
+MIN_TOKEN_CHARS = 16
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -32,17 +34,61 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "interface to listen on"})
     port: int = field(default=5000, metadata={"help": "TCP port"})
     api_tokens: tuple[str, ...] = field(
-        default=(), metadata={"help": "comma-separated tokens; empty = no authentication"}
+        default=(),
+        metadata={
+            "help": "supervisor tokens (comma-separated, 16+ characters): stream, read, "
+            "subscribe, delete; none here or in ingest_tokens = no authentication"
+        },
+    )
+    ingest_tokens: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "ingest tokens (16+ characters): start and stream their own sessions, "
+            "analyse files; nothing else"
+        },
     )
     cors_origins: tuple[str, ...] = field(
         default=(), metadata={"help": "extra allowed browser origins; empty = same origin only"}
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "proxy addresses or networks whose X-Forwarded-For/-Proto/-Host are believed "
+            "(and which the per-address caps do not count)"
+        },
+    )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Host names this server answers to besides its bind address and loopback "
+            "(DNS rebinding); * = any"
+        },
     )
     message_queue: str = field(
         default="", metadata={"help": "redis:// URL shared by several server processes"}
     )
     handshake_timeout_s: float = field(
         default=10.0,
-        metadata={"help": "seconds a new TCP connection gets to send its request"},
+        metadata={
+            "help": "seconds a connection gets to send its request line and headers, in total "
+            "(an idle keep-alive connection is closed after as long)"
+        },
+    )
+    body_timeout_s: float = field(
+        default=60.0, metadata={"help": "seconds a request body may take to arrive, in total"}
+    )
+    auth_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds a Socket.IO transport gets to connect (and authenticate) once open"
+        },
+    )
+    max_connections: int = field(
+        default=1000, metadata={"help": "open connections at most; beyond, 503 at once"}
+    )
+    max_connections_per_ip: int = field(
+        default=200,
+        metadata={"help": "open connections from one address at most (trusted proxies exempt)"},
     )
     # model and inference
     model: str = field(
@@ -82,6 +128,26 @@ class Settings:
         default="auto", metadata={"help": "windows per forward pass at most; auto = measured"}
     )
     max_wait_ms: float = field(default=10.0, metadata={"help": "how long a batch waits to fill"})
+    latency_budget_s: float = field(
+        default=1.5,
+        metadata={
+            "help": "a live window's result is due this long after its audio arrived; one that "
+            "cannot make it is dropped unanalysed (expired), never sent late"
+        },
+    )
+    saturation_margin: float = field(
+        default=0.1,
+        metadata={
+            "help": "/readyz says saturated (503) once live demand exceeds capacity by this share"
+        },
+    )
+    saturation_policy: str = field(
+        default="shed",
+        metadata={
+            "help": "a new session on a saturated server: shed (accepted; every stream thins "
+            "evenly) or refuse (OVERLOADED, with a retry hint)"
+        },
+    )
     inference_timeout_s: float = field(
         default=30.0, metadata={"help": "a window not answered in this long is INFERENCE_TIMEOUT"}
     )
@@ -112,6 +178,23 @@ class Settings:
     )
     # sessions and limits
     max_sessions: int = field(default=200, metadata={"help": "concurrent sessions at most"})
+    max_sessions_per_connection: int = field(
+        default=4, metadata={"help": "sessions one Socket.IO connection may hold open at most"}
+    )
+    max_sessions_per_ip: int = field(
+        default=50,
+        metadata={
+            "help": "Socket.IO sessions one client address may hold open at most (trusted "
+            "proxies: the forwarded client)"
+        },
+    )
+    max_messages_per_s: float = field(
+        default=200.0,
+        metadata={
+            "help": "messages a second one connection may send (twice that in a burst); beyond, "
+            "RATE_LIMITED"
+        },
+    )
     resume_ttl_s: float = field(
         default=60.0, metadata={"help": "how long a disconnected session waits to be resumed"}
     )
@@ -137,6 +220,16 @@ class Settings:
         default=600, metadata={"help": "results per session kept in memory for resume"}
     )
     max_upload_mb: float = field(default=50.0, metadata={"help": "POST /api/analyze size limit"})
+    max_upload_s: float = field(
+        default=3600.0,
+        metadata={
+            "help": "longest audio POST /api/analyze takes, read from the file's header before "
+            "decoding"
+        },
+    )
+    max_concurrent_analyses: int = field(
+        default=2, metadata={"help": "file analyses at once; beyond, 503 OVERLOADED"}
+    )
     # telephony
     telephony_tracks: tuple[str, ...] = field(
         default=("customer",),
@@ -181,6 +274,10 @@ class Settings:
     alert_webhook_timeout_s: float = field(
         default=5.0, metadata={"help": "seconds a webhook receiver has to answer one attempt"}
     )
+    alert_webhook_allow_private: bool = field(
+        default=False,
+        metadata={"help": "let alert webhooks reach private and loopback addresses"},
+    )
     alert_webhook_queue: int = field(
         default=1000, metadata={"help": "alert deliveries waiting per webhook at most"}
     )
@@ -194,6 +291,12 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if self.retention_days < 0:
+            raise ValueError(f"retention_days must be 0 (keep) or more, got {self.retention_days}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if self.max_sessions < 1:
@@ -211,20 +314,37 @@ class Settings:
             "prosody_timeout_s",
             "handshake_timeout_s",
             "call_rejoin_s",
+            "latency_budget_s",
+            "body_timeout_s",
+            "auth_timeout_s",
+            "max_messages_per_s",
+            "max_upload_mb",
+            "max_upload_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (
+            "max_sessions_per_connection",
+            "max_sessions_per_ip",
+            "max_concurrent_analyses",
             "max_chunk_bytes",
             "inbox_max_bytes",
             "subscriber_queue",
             "twilio_reorder_chunks",
             "telephony_max_frame_bytes",
+            "max_connections",
+            "max_connections_per_ip",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.inbox_max_bytes < self.max_chunk_bytes:
             raise ValueError("inbox_max_bytes must hold at least one chunk of max_chunk_bytes")
+        if self.saturation_policy not in ("shed", "refuse"):
+            raise ValueError(
+                f"saturation_policy must be shed or refuse, got {self.saturation_policy!r}"
+            )
+        if not 0.0 <= self.saturation_margin <= 10.0:
+            raise ValueError(f"saturation_margin must be within 0-10, got {self.saturation_margin}")
         bad = set(self.telephony_tracks) - {"customer", "agent"}
         if bad:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
@@ -235,8 +355,22 @@ class Settings:
         for url in self.alert_webhook:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"alert_webhook {url[:60]!r} is not an http(s) URL")
-        if "" in self.api_tokens:
-            raise ValueError("an API token cannot be empty")
+        for name in ("api_tokens", "ingest_tokens"):
+            short = [t for t in getattr(self, name) if len(t) < MIN_TOKEN_CHARS]
+            if short:
+                raise ValueError(
+                    f"{name}: a token must be at least {MIN_TOKEN_CHARS} characters "
+                    f"(one has {len(short[0])})"
+                )
+        both = set(self.api_tokens) & set(self.ingest_tokens)
+        if both:
+            raise ValueError("a token cannot be both in api_tokens and in ingest_tokens")
+        from server.listener import parse_networks  # (settings import nothing of the server)
+
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
         self.pipeline_config()  # validates the analysis settings
 
     def pipeline_config(self) -> PipelineConfig:
@@ -251,12 +385,13 @@ class Settings:
 
     @property
     def auth_required(self) -> bool:
-        return bool(self.api_tokens)
+        return bool(self.api_tokens or self.ingest_tokens)
 
     def public(self) -> dict[str, Any]:
         """Settings safe to show (no tokens)."""
         out = dataclasses.asdict(self)
         out["api_tokens"] = len(self.api_tokens)
+        out["ingest_tokens"] = len(self.ingest_tokens)
         out["caller_id_key"] = bool(self.caller_id_key)
         out["alert_webhook"] = len(self.alert_webhook)  # URLs may carry tokens
         out["alert_webhook_secret"] = bool(self.alert_webhook_secret)
@@ -302,7 +437,10 @@ class Settings:
 
 def _convert(name: str, kind: Any, raw: Any) -> Any:
     if isinstance(raw, list):  # a repeated flag
-        return tuple(v for item in raw for v in _tuple(item))
+        values = tuple(v for item in raw for v in _tuple(item))
+        if not values and any(item != "" for item in raw):
+            raise ValueError(f"{name} is set to {raw!r}, which holds no value")
+        return values
     if not isinstance(raw, str):
         return raw
     try:
@@ -319,7 +457,10 @@ def _convert(name: str, kind: Any, raw: Any) -> Any:
     except ValueError:
         raise ValueError(f"{name} must be a {kind}, got {raw!r}") from None
     if kind in ("tuple[str, ...]",):
-        return _tuple(raw)
+        values = _tuple(raw)
+        if not values and raw != "":  # "," or " ": a mistake that would turn a check off
+            raise ValueError(f"{name} is set to {raw!r}, which holds no value")
+        return values
     return raw
 
 

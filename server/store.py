@@ -7,9 +7,15 @@ Writes are queued and committed in batches by one writer loop (a greenthread) wh
 calls run on native threads, so the event loop never waits on the database. Each write can carry
 a ``then``, called once the write is committed, in order — the server sends a result to its
 client from there, so a result a client has seen is in the database. When the database is
-unreachable, writes wait in a bounded buffer and are retried with backoff; their ``then`` runs
-anyway (live analysis never stops for the database) and the store reports itself degraded.
-Reads run on a native thread: call them through ``runtime.offload``.
+unreachable, or a commit takes longer than ``HAND_ON_AFTER_S`` (another process holds a lock, a
+disk stalls), writes wait in a bounded buffer (``buffer_max`` writes) and are retried; their
+``then`` runs anyway — live results never wait more than that for the database — and the store
+reports itself degraded. Reads run on a native thread: call them through ``runtime.offload``.
+
+SQLite keeps a rollback journal, not a write-ahead log: WAL maps its ``-shm`` file into memory,
+and a write to that mapping once the file cannot be written (read-only, immutable, a full disk)
+kills the process with SIGBUS; a journal fails the write with an error the store survives.
+Foreign keys are enforced on both backends, so no result outlives its session's row.
 
 Every database call holds one native lock, so the libraries' own locks (green under eventlet)
 are never contended between native threads.
@@ -58,8 +64,20 @@ def database_url(db: str) -> str:
     return "sqlite:///" + str(Path(db).expanduser())
 
 
+CREDENTIAL_PARAMS = ("password", "passwd", "sslpassword", "sslkey", "passfile")
+
+
 def redacted(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+    """A database URL without its secrets: SQLAlchemy's rendering with the password hidden, and
+    every credential query parameter (``?password=``, libpq's ``sslpassword`` ...) masked too."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return "(a database URL that does not parse)"
+    hidden = {k: "***" for k in parsed.query if k.lower() in CREDENTIAL_PARAMS}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True)
 
 
 def _engine(url: str) -> Engine:
@@ -69,8 +87,9 @@ def _engine(url: str) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: commits survive a process crash
+            cur.execute("PRAGMA journal_mode=TRUNCATE")  # no WAL: see the module's docstring
+            cur.execute("PRAGMA synchronous=FULL")  # a commit survives a crash of the machine
+            cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
         return engine
@@ -146,6 +165,9 @@ class _Write:
 
 class StoreUnavailable(RuntimeError):
     pass
+
+
+HAND_ON_AFTER_S = 2.0  # a commit slower than this hands its results on without waiting more
 
 
 class Store:
@@ -325,7 +347,7 @@ class Store:
         writes = [w for w in batch if w.sql is not None]
         try:
             if writes:
-                self._runtime.offload(self._commit, writes)
+                self._commit_bounded(writes, batch)
         except sa.exc.OperationalError as exc:  # unreachable, or a lost connection
             self._failed("unreachable", exc)
             self._hand_on(batch)  # live analysis does not wait for the database
@@ -352,6 +374,35 @@ class Store:
         if not self._unwritten:
             self._idle.set()
         return True
+
+    def _commit_bounded(self, writes: list[_Write], batch: list[_Write]) -> None:
+        """Commit ``writes``; if that takes longer than HAND_ON_AFTER_S, hand the batch on first
+        (degraded) and then wait for the commit's outcome, which is raised as usual."""
+        native = self._runtime.native("threading")
+        done = native.Event()
+        outcome: dict[str, BaseException] = {}
+
+        def commit() -> None:
+            try:
+                self._commit(writes)
+            except BaseException as exc:  # raised by the writer below
+                outcome["error"] = exc
+            finally:
+                done.set()
+
+        native.Thread(target=commit, name="voxaffect-store-commit", daemon=True).start()
+        if not self._runtime.offload(done.wait, HAND_ON_AFTER_S):
+            self._on_error("slow")
+            if not self.degraded:
+                log.error(
+                    "store commit is slow; results go on before their commit",
+                    extra={"db": redacted(self.url)},
+                )
+            self.degraded = True
+            self._hand_on(batch)
+            self._runtime.offload(done.wait)
+        if "error" in outcome:
+            raise outcome["error"]
 
     def _commit(self, writes: list[_Write]) -> None:
         with self._db_lock, self._engine.begin() as conn:
@@ -515,10 +566,13 @@ class Store:
         with self._db_lock, self._engine.begin() as conn:
             return bool(self._delete(conn, "id = :id", {"id": session_id}))
 
-    def purge(self, before: float) -> int:
-        """Remove every session that ended before ``before`` (epoch s), and any never closed that
-        started a day earlier still (its node died and did not come back); how many."""
-        where = "ended_at < :before OR (ended_at IS NULL AND started_at < :stale)"
+    def purge(self, before: float, *, abandoned: bool = False) -> int:
+        """Remove every session that ended before ``before`` (epoch s); how many. A session that
+        has not ended is never removed, except with ``abandoned`` (retention): one still open a
+        day after ``before`` (its node died and never came back)."""
+        where = "ended_at IS NOT NULL AND ended_at < :before"
+        if abandoned:
+            where = f"({where}) OR (ended_at IS NULL AND started_at < :stale)"
         with self._db_lock, self._engine.begin() as conn:
             return self._delete(conn, where, {"before": before, "stale": before - 86_400.0})
 

@@ -10,7 +10,7 @@ from tests.harness import ROOT, ServerProcess
 from tests.speech import espeak_wav
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
-TOKEN = "e2e-token"
+TOKEN = "e2e-token-0123456789"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 

@@ -16,7 +16,7 @@ from tests.protocol.client import Recorder, wait_for
 from tests.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.ops
-TOKEN = "cluster-token"
+TOKEN = "cluster-token-0123456"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tests.protocol.client import Recorder, wait_for
 from tests.speech import speech, to_pcm16
 
 pytestmark = pytest.mark.ops
-TOKEN = "pg-token"
+TOKEN = "pg-token-0123456789"
 
 
 def _pg_bin(name: str) -> str:

@@ -8,7 +8,7 @@ import pytest
 from tests.gates import GATE_ENV, Gate
 from tests.harness import ServerProcess
 
-TOKEN = "test-token-123"
+TOKEN = "test-token-1234567"
 STRICT_ARGS = (
     "--max-sessions=3",
     "--max-chunk-bytes=32000",
@@ -41,7 +41,7 @@ def strict_server(
         tiny_model_dir,
         tmp_path_factory.mktemp("strict"),
         *STRICT_ARGS,
-        env={"VOXAFFECT_API_TOKENS": f"{TOKEN},second-token"},
+        env={"VOXAFFECT_API_TOKENS": f"{TOKEN},second-token-7654321"},
     ).start()
     yield proc
     proc.stop()

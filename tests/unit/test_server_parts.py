@@ -23,7 +23,7 @@ LABELS = ("angry", "happy")
 def test_settings_come_from_env_and_flags_win():
     env = {
         "VOXAFFECT_PORT": "6001",
-        "VOXAFFECT_API_TOKENS": "tok-one, tok-two",
+        "VOXAFFECT_API_TOKENS": "token-one-0123456, token-two-0123456",
         "VOXAFFECT_CPU_FALLBACK": "no",
         "VOXAFFECT_WINDOW_S": "3",
         "VOXAFFECT_TELEPHONY_TRACKS": "customer,agent",
@@ -31,14 +31,14 @@ def test_settings_come_from_env_and_flags_win():
     s = parse(["--port", "7000", "--hop-s", "0.5"], env)
     assert (s.port, s.api_tokens, s.cpu_fallback, s.window_s, s.hop_s) == (
         7000,
-        ("tok-one", "tok-two"),
+        ("token-one-0123456", "token-two-0123456"),
         False,
         3.0,
         0.5,
     )
     assert s.telephony_tracks == ("customer", "agent")
     assert s.pipeline_config().window_s == 3.0
-    assert "tok-one" not in str(s.public()) and s.public()["api_tokens"] == 2
+    assert "token-one" not in str(s.public()) and s.public()["api_tokens"] == 2
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def result(seq: int) -> dict:
 
 def test_store_round_trip_and_csv(tmp_path):
     store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime())
-    assert store.start() == [1, 2, 3]
+    assert store.start() == [1, 2, 3, 4]
     assert store.claim(
         "s1",
         source="socketio",
@@ -275,7 +275,8 @@ def test_purge_deletes_what_ended_before_the_date_and_leaves_the_rest(tmp_path):
         if ended is not None:
             store.close_session(sid, {"results": 1}, ended_at=ended)
     assert store.flush()
-    assert store.purge(now - 30 * day - 0.5 * day) == 2
+    assert store.purge(now - 30 * day - 0.5 * day) == 1  # ended ones only: "old"
+    assert store.purge(now - 30 * day - 0.5 * day, abandoned=True) == 1  # retention: "open-dead"
     left = {s["session_id"] for s in store.list_sessions()}
     assert left == {"recent", "open-live"}
     store.close()
