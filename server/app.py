@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -23,16 +22,18 @@ from typing import Any
 from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
-from server import api, listener, telephony
+from server import api, listener, logs, telephony
 from server.alerts import AlertEngine, load_rules
 from server.auth import origin_check
+from server.claims import RedisClaims
+from server.edge_guard import EdgeGuard
 from server.events import EventBus
 from server.factory import SessionFactory
 from server.listener import ListenerLimits
 from server.runtime import ThreadRuntime
 from server.service import Service, WrapPredictor
 from server.settings import Settings
-from server.socketio_edge import StreamNamespace
+from server.socketio_edge import PacketJson, StreamNamespace
 from server.subscribers import (
     AlertPublisher,
     MetricsRecorder,
@@ -44,28 +45,9 @@ from server.telephony import TelephonyEdge
 from server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 RETENTION_EVERY_S = 3600.0
+CLAIM_RENEW_S = 3600.0  # running sessions' cross-node id claims are renewed this often
 HUB_TICK_S = 0.05
-
-
-class _Formatter(logging.Formatter):
-    """``time level logger: message key=value ...`` with the record's ``extra`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
-        if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
-        return line
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("engineio", "socketio", "werkzeug", "eventlet.wsgi"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -103,6 +85,7 @@ def _alerting(
             on_failure=lambda reason: service.metrics.webhook_failures.labels(reason).inc(),
             queue_size=settings.alert_webhook_queue,
             timeout_s=settings.alert_webhook_timeout_s,
+            allow_private=settings.alert_webhook_allow_private,
         )
     engine = AlertEngine(
         rules, random_weights=bool(service.model_info.get("random_weights")), hop_s=settings.hop_s
@@ -125,10 +108,15 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         # limit so an oversized chunk gets a PAYLOAD_TOO_LARGE error instead.
         max_http_buffer_size=settings.max_chunk_bytes * 2 + 65_536,
         message_queue=settings.message_queue or None,
+        json=PacketJson,
         logger=False,
         engineio_logger=False,
     )
     metrics = service.metrics
+    # outermost: in front of Engine.IO's middleware too (Host, malformed upgrades)
+    flask.wsgi_app = EdgeGuard(  # type: ignore[method-assign]
+        flask.wsgi_app, settings, lambda reason: metrics.connections_refused.labels(reason).inc()
+    )
     room = RoomPublisher(socketio.emit, socketio.close_room)
     bus = EventBus(
         runtime,
@@ -141,6 +129,12 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         queue_size=settings.subscriber_queue,
         on_drop=lambda name: metrics.events_dropped.labels(name).inc(),
     )
+    # several nodes on one message queue, each with a store of its own: ids claimed in Redis
+    claims = (
+        RedisClaims(settings.message_queue, settings.node_name)
+        if settings.message_queue and service.store.backend == "sqlite"
+        else None
+    )
     factory = SessionFactory(
         settings,
         registry=service.registry,
@@ -150,6 +144,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         runtime=runtime,
         model_info=service.model_info,
         load=service.current_load,
+        claims=claims,
         clock=service.clock,
     )
     namespace = StreamNamespace(
@@ -190,10 +185,15 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     def favicon() -> Response:
         return send_from_directory(static, "favicon.svg", mimetype="image/svg+xml")
 
+    renewed = [time.monotonic()]
+
     def housekeeping() -> None:
         while True:
             socketio.sleep(1.0)
             try:
+                if claims is not None and time.monotonic() - renewed[0] > CLAIM_RENEW_S:
+                    renewed[0] = time.monotonic()
+                    claims.renew(r.session.id for r in service.registry.all())
                 for runner, reason in service.registry.expired(
                     resume_ttl_s=settings.resume_ttl_s,
                     idle_timeout_s=settings.idle_timeout_s,
@@ -246,7 +246,7 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
 def serve(
     settings: Settings, runtime: ThreadRuntime, wrap_predictor: WrapPredictor | None = None
 ) -> None:
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, json_logs=settings.json_logs, node=settings.node_name)
     threading.excepthook = _thread_exception
     log.info("loading model (the port opens once it is ready)", extra={"model": settings.model})
     service = Service.load(settings, runtime, wrap_predictor=wrap_predictor)

@@ -21,6 +21,7 @@ from engine import SAMPLE_RATE
 from engine.audio import AudioFormat
 from engine.pipeline import StreamPipeline
 from server.analysis import WindowAnalyser
+from server.claims import ClaimsUnavailable, RedisClaims
 from server.events import Ended, Error, Event, Result, Started
 from server.metrics import Load
 from server.protocol import ProtocolError, describe_id, valid_id
@@ -46,10 +47,12 @@ class SessionFactory:
         runtime: ThreadRuntime,
         model_info: dict[str, Any],
         load: Callable[[], Load] | None = None,
+        claims: RedisClaims | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._load = load
+        self.claims = claims
         self.registry = registry
         self.store = store
         self.analyser = analyser
@@ -94,6 +97,7 @@ class SessionFactory:
         parties: list[str | None] | None = None,
         meta: dict[str, Any] | None = None,
         owner: str | None = None,
+        client: str = "",
         connection: Any = None,
         embeddings: bool = False,
     ) -> SessionRunner:
@@ -101,6 +105,7 @@ class SessionFactory:
         SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened. ``owner`` and ``connection``
         are set before the session can be found, so a takeover can never miss them."""
         self._admit()
+        chosen = session_id is not None
         if session_id is None:
             session_id = self.registry.new_id()
         elif not valid_id(session_id):
@@ -109,6 +114,8 @@ class SessionFactory:
                 f"a session id is 1-128 letters, digits or ._:- (got {describe_id(session_id)})",
             )
         self.registry.reserve(session_id)
+        if chosen and self.claims is not None:
+            self._claim_across_nodes(session_id)
         try:
             now = self._clock()
             session = Session(
@@ -119,6 +126,7 @@ class SessionFactory:
                 embeddings=embeddings,
                 meta=dict(meta or {}),
                 owner=owner,
+                client=client,
                 connection=connection,
                 started=now,
                 last_audio=now,
@@ -162,6 +170,27 @@ class SessionFactory:
                 f"the server is saturated (demand {load.demand:.1f} windows/s, capacity "
                 f"{load.capacity:.1f}); retry later or on another node",
                 retry_after_s=RETRY_AFTER_S,
+            )
+
+    def _claim_across_nodes(self, session_id: str) -> None:
+        assert self.claims is not None
+        try:
+            claimed = self.claims.claim(session_id)
+        except ClaimsUnavailable as exc:
+            self.registry.release(session_id)
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                "a chosen session id cannot be checked against the other nodes now "
+                f"({exc}); start without a session_id",
+                session_id,
+            ) from None
+        if not claimed:
+            self.registry.release(session_id)
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                f"session {session_id} exists on a node sharing this message queue; start "
+                "without a session_id for a new one",
+                session_id,
             )
 
     def _claim(self, session: Session, config: dict[str, Any]) -> None:

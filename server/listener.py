@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 POOL_SPARE = 16  # greenthreads beyond max_connections, so eventlet's pool never blocks accept
 REFUSE_WRITE_S = 1.0  # how long a refusal gets to be written before the socket is closed
-REFUSALS = ("full", "per_address", "header_timeout", "body_timeout", "auth_timeout")
+REFUSALS = (
+    "full",
+    "per_address",
+    "header_timeout",
+    "body_timeout",
+    "auth_timeout",
+    "host",  # server/edge_guard.py
+    "bad_upgrade",
+)
 
 
 def parse_networks(
@@ -119,6 +127,16 @@ REFUSED_PER_ADDRESS = refusal(
     retry_after_s=5,
 )
 TIMED_OUT = refusal("408 Request Timeout", "INVALID_MESSAGE", "the request took too long to arrive")
+URI_TOO_LONG = refusal("414 URI Too Long", "INVALID_MESSAGE", "the request line is too long")
+HEADERS_TOO_LARGE = refusal(
+    "431 Request Header Fields Too Large", "INVALID_MESSAGE", "the request headers are too large"
+)
+# http.server's own errors (a malformed request line, say), as JSON like every other error
+ERROR_FORMAT = '{"error": {"code": "INVALID_MESSAGE", "message": "%(message)s"}}\n'
+
+
+def _json_string(text: str) -> str:
+    return json.dumps(text)[1:-1]
 
 
 def serve(
@@ -193,9 +211,29 @@ def _protocol(counts: ConnectionCounts, on_refused: Callable[[str], None]) -> ty
     import eventlet.wsgi
 
     limits = counts.limits
+    # eventlet writes this constant as it is; its plain-text body is the only one left otherwise
+    eventlet.wsgi.RESPONSE_414 = URI_TOO_LONG
 
     class GuardedProtocol(eventlet.wsgi.HttpProtocol):
-        """eventlet's HTTP protocol with total deadlines; releases its connection's count."""
+        """eventlet's HTTP protocol with total deadlines and JSON errors; releases its
+        connection's count."""
+
+        error_message_format = ERROR_FORMAT
+        error_content_type = "application/json"
+
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            super().send_error(code, _json_string(message or ""), explain)
+
+        def parse_request(self) -> bool:
+            try:
+                parsed: bool = super().parse_request()
+            except (eventlet.wsgi.HeaderLineTooLong, eventlet.wsgi.HeadersTooLarge):
+                self.wfile.write(HEADERS_TOO_LARGE)
+                self.close_connection = 1
+                return False
+            return parsed
 
         def __init__(self, conn_state: Any, server: Any) -> None:
             address = str(conn_state[0][0])

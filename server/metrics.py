@@ -65,7 +65,7 @@ class Load:
 
 PROSODY_FAILURES = ("timeout", "died", "error")
 STORE_ERRORS = ("unreachable", "slow", "rejected", "dropped")
-WEBHOOK_FAILURES = ("queue_full", "unreachable", "status", "error")
+WEBHOOK_FAILURES = ("queue_full", "unreachable", "status", "forbidden", "error")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -113,6 +113,12 @@ class Metrics:
         )
         self.active_sessions = Gauge(p + "active_sessions", "Open sessions", ["source"], registry=r)
         self.connections = Gauge(p + "connections", "Connected clients", ["transport"], registry=r)
+        self.messages_dropped = Counter(
+            p + "messages_dropped",
+            "Messages dropped unread: the connection sent more than max_messages_per_s",
+            ["transport"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             p + "connections_refused",
             "Connections refused or closed before a request reached the application, by why",
@@ -214,6 +220,8 @@ class Metrics:
             self.connections.labels(transport)
         for reason in REFUSALS:
             self.connections_refused.labels(reason)
+        for transport in ("socketio", "telephony"):
+            self.messages_dropped.labels(transport)
 
     def watch_rules(self, rules: list[tuple[str, str]]) -> None:
         """Every configured (rule, severity) from zero, so a quiet rule shows as 0, not absent."""

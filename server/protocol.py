@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,3 +177,41 @@ def chunk_seconds(data: bytes, fmt: AudioFormat) -> float:
             f"wav chunk sample rate {info.samplerate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
         )
     return float(info.frames) / info.samplerate
+
+
+FLOOD_FACTOR = 5.0  # dropped messages in one second, as a multiple of the rate: cut off
+
+
+class MessageRate:
+    """How many messages one connection may send: ``per_s`` a second, twice that at once (a
+    token bucket). A message beyond is dropped, whatever it holds: ``take`` says ``drop``, or
+    ``tell`` at most once a second (the sender gets one RATE_LIMITED error, not one each), or
+    ``cut`` once it has had ``FLOOD_FACTOR`` times the rate dropped within one second — parsing
+    a flood costs the server CPU even when its messages are dropped. A client's message count
+    decides neither the server's memory nor how much of its time it takes."""
+
+    def __init__(self, per_s: float, clock: Callable[[], float]) -> None:
+        self.per_s = per_s
+        self._clock = clock
+        self._tokens = 2 * per_s
+        self._at = clock()
+        self._told_at = float("-inf")
+        self._second = self._at
+        self._dropped_this_second = 0
+
+    def take(self) -> str:
+        now = self._clock()
+        self._tokens = min(2 * self.per_s, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return "ok"
+        if now - self._second >= 1.0:
+            self._second, self._dropped_this_second = now, 0
+        self._dropped_this_second += 1
+        if self._dropped_this_second > FLOOD_FACTOR * self.per_s:
+            return "cut"
+        if now - self._told_at >= 1.0:
+            self._told_at = now
+            return "tell"
+        return "drop"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import SAMPLE_RATE
 from engine.batcher import InferenceBatcher
 from engine.fallback import CircuitBreaker, FallbackPredictor
 from engine.lanes import Lane, Predictor
@@ -118,7 +118,7 @@ class Service:
         self.store = Store(
             settings.db,
             runtime=runtime,
-            node=settings.node or f"{socket.gethostname()}:{settings.port}",
+            node=settings.node_name,
             on_error=lambda kind: self.metrics.store_errors.labels(kind).inc(),
         )
         self.store.start()
@@ -151,7 +151,12 @@ class Service:
         fallback = None
         if model.device.startswith("cuda") and settings.cpu_fallback:
             fallback = model.converted("fp32", device="cpu")
-        serving.predict(np.zeros((1, 32000), np.float32))  # one-off kernel setup: not a client's
+        window = round(settings.window_s * SAMPLE_RATE)
+        batches = sorted({*range(1, min(choice.max_batch, 4) + 1), choice.max_batch})
+        traced = serving.trace(batches, window)  # with torch threads as one lane will have them
+        if fallback is not None:
+            fallback.trace(batches, window)
+        serving.predict(np.zeros((1, window), np.float32))  # one-off kernel setup: not a client's
         log.info(
             "model ready",
             extra={
@@ -161,6 +166,7 @@ class Service:
                 "windows_per_s": round(choice.windows_per_s, 2),
                 "tuned": "cache" if choice.from_cache else f"{choice.measured_s:.1f} s",
                 "fallback": bool(fallback),
+                "traced": [size for size, _ in traced],
                 "load_s": round(time.perf_counter() - started, 1),
             },
         )

@@ -39,6 +39,7 @@ class Session:
     embeddings: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None  # the Socket.IO sid that may send and receive
+    client: str = ""  # the address that started it (behind trusted proxies: the forwarded one)
     connection: Any = None  # a call's current media connection
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     started: float = field(default_factory=time.monotonic)
@@ -98,7 +99,14 @@ class SessionRegistry:
 
     def reserve(self, session_id: str) -> None:
         """Hold ``session_id`` while its session is being opened."""
-        if session_id in self._live or session_id in self._opening or session_id in self._ended:
+        if session_id in self._ended:
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                f"session {session_id} has ended; an id is never used twice: start without a "
+                "session_id",
+                session_id,
+            )
+        if session_id in self._live or session_id in self._opening:
             raise ProtocolError(
                 "SESSION_EXISTS",
                 f"session {session_id} exists; resume it with its resume_token, "
@@ -131,6 +139,17 @@ class SessionRegistry:
     def opening(self, session_id: str) -> bool:
         """The id is reserved by a session that is being opened right now."""
         return session_id in self._opening
+
+    def held_by(self, *, owner: str | None = None, client: str | None = None) -> int:
+        """Open sessions of one connection (``owner``) or one client address: those waiting
+        to be resumed count too, they hold their slot."""
+        return sum(
+            1
+            for r in self._live.values()
+            if not r.session.ended
+            and (owner is None or r.session.owner == owner)
+            and (client is None or r.session.client == client)
+        )
 
     def by_token(self, token: str) -> SessionRunner | None:
         for runner in self._live.values():

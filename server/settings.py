@@ -272,7 +272,8 @@ class Settings:
         default="", metadata={"help": "HMAC-SHA256 key of the webhook signature (16+ characters)"}
     )
     alert_webhook_timeout_s: float = field(
-        default=5.0, metadata={"help": "seconds a webhook receiver has to answer one attempt"}
+        default=5.0,
+        metadata={"help": "seconds one webhook attempt may take in total (connect to last byte)"},
     )
     alert_webhook_allow_private: bool = field(
         default=False,
@@ -289,6 +290,10 @@ class Settings:
         default=str(PROJECT_DIR / "static"), metadata={"help": "directory of the web page"}
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    json_logs: bool = field(
+        default=False,
+        metadata={"help": "log one JSON object per line (session id and node in each), not text"},
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -372,6 +377,13 @@ class Settings:
         except ValueError as exc:
             raise ValueError(f"trusted_proxies: {exc}") from None
         self.pipeline_config()  # validates the analysis settings
+
+    @property
+    def node_name(self) -> str:
+        """This process's name in the store and the log: ``node``, or hostname:port."""
+        import socket
+
+        return self.node or f"{socket.gethostname()}:{self.port}"
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(

@@ -9,6 +9,7 @@ in the ack), and never ends the session or the connection.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,11 +20,18 @@ from flask_socketio import Namespace, SocketIO, join_room, leave_room
 from socketio.exceptions import ConnectionRefusedError
 
 from server import wire
-from server.auth import request_token, token_role
+from server.auth import client_address, request_token, token_role
 from server.events import Disconnected, Event
 from server.factory import SessionFactory
 from server.metrics import Metrics
-from server.protocol import ProtocolError, chunk_seconds, parse_chunk, parse_start, session_id_of
+from server.protocol import (
+    MessageRate,
+    ProtocolError,
+    chunk_seconds,
+    parse_chunk,
+    parse_start,
+    session_id_of,
+)
 from server.runner import InboxFull, SessionClosed, SessionRunner
 from server.runtime import ThreadRuntime
 from server.sessions import SessionRegistry
@@ -33,6 +41,22 @@ from server.subscribers import MONITOR_ROOM
 
 log = logging.getLogger(__name__)
 RECENT_FOR_SUPERVISORS = 120  # results a supervisor gets when it starts watching a session
+
+
+class PacketJson:
+    """JSON for Socket.IO packets: nesting past Python's recursion limit is a malformed message
+    (ValueError, which the library reports once), not a RecursionError with tracebacks."""
+
+    @staticmethod
+    def dumps(obj: Any, **kwargs: Any) -> str:
+        return json.dumps(obj, **kwargs)
+
+    @staticmethod
+    def loads(text: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return json.loads(text, **kwargs)
+        except RecursionError:
+            raise ValueError("the message is nested too deeply") from None
 
 
 def _sid() -> str:
@@ -81,6 +105,7 @@ class StreamNamespace(Namespace):
         self.clock = clock
         self.supervisors: set[str] = set()  # sids that presented a valid API token
         self._transport_seen: dict[str, float] = {}  # Engine.IO sids not yet connected, since
+        self._rates: dict[str, MessageRate] = {}  # per connection
 
     def close_unconnected(self, timeout_s: float) -> int:
         """Close Engine.IO transports that have not connected to the namespace (a token server:
@@ -129,6 +154,7 @@ class StreamNamespace(Namespace):
     def on_disconnect(self, *_: Any) -> None:
         sid = _sid()
         self.supervisors.discard(sid)
+        self._rates.pop(sid, None)
         self.metrics.connections.labels("socketio").dec()
         for runner in self.registry.detach(sid):
             log.info("client gone; session awaits resume", extra={"session_id": runner.session.id})
@@ -145,11 +171,26 @@ class StreamNamespace(Namespace):
         start = parse_start(data)
         if start.resume_token is not None:
             return self._resume(start.resume_token, start.session_id, start.since_seq)
+        s = self.settings
+        client = client_address(s, request.environ)
+        if self.registry.held_by(owner=_sid()) >= s.max_sessions_per_connection:
+            raise ProtocolError(
+                "SESSION_LIMIT",
+                f"this connection holds {s.max_sessions_per_connection} sessions already "
+                "(max_sessions_per_connection); end one first",
+            )
+        if self.registry.held_by(client=client) >= s.max_sessions_per_ip:
+            raise ProtocolError(
+                "SESSION_LIMIT",
+                f"this address holds {s.max_sessions_per_ip} sessions already "
+                "(max_sessions_per_ip)",
+            )
         runner = self.factory.open(
             source="socketio",
             fmt=start.format,
             session_id=start.session_id,
             owner=_sid(),
+            client=client,
             embeddings=start.embeddings or self.settings.embeddings,
         )
         join_room(runner.session.room)
@@ -205,6 +246,23 @@ class StreamNamespace(Namespace):
     @guarded
     def on_audio_stream(self, data: Any) -> None:
         s = self.settings
+        sid = _sid()
+        rate = self._rates.get(sid)
+        if rate is None:
+            rate = self._rates[sid] = MessageRate(s.max_messages_per_s, self.clock)
+        verdict = rate.take()
+        if verdict != "ok":
+            self.metrics.messages_dropped.labels("socketio").inc()
+            if verdict == "cut":
+                log.warning("a connection flooded messages; disconnected", extra={"sid": sid})
+                self.sio.server.disconnect(sid)
+            elif verdict == "tell":
+                raise ProtocolError(
+                    "RATE_LIMITED",
+                    f"more than {s.max_messages_per_s:g} messages a second; "
+                    "messages beyond are dropped",
+                )
+            return
         session_id, raw = parse_chunk(data, s.max_chunk_bytes)
         runner = self.registry.owned(session_id, _sid())
         session = runner.session

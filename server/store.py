@@ -77,7 +77,7 @@ def redacted(url: str) -> str:
     hidden = {k: "***" for k in parsed.query if k.lower() in CREDENTIAL_PARAMS}
     if hidden:
         parsed = parsed.update_query_dict(hidden)
-    return parsed.render_as_string(hide_password=True)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def _engine(url: str) -> Engine:

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -47,7 +48,7 @@ from engine.audio import AudioFormat, AudioFormatError
 from server.auth import origin_allowed, request_token, token_ok
 from server.factory import SessionFactory
 from server.metrics import Metrics
-from server.protocol import ProtocolError, chunk_seconds, describe_id, valid_id
+from server.protocol import MessageRate, ProtocolError, chunk_seconds, describe_id, valid_id
 from server.runner import InboxFull, SessionClosed, SessionRunner
 from server.runtime import ThreadRuntime
 from server.sessions import SessionRegistry
@@ -60,9 +61,35 @@ TWILIO_PARTIES = {"inbound": "customer", "outbound": "agent"}
 TWILIO_CHUNK_S = 0.02  # Twilio sends 20 ms of audio per media message
 MAX_GAP_FILL_S = 10.0  # silence put in for one gap in the chunk numbers, at most
 FAULTS_LOGGED_PER_KIND = 3
-CALLER_ID_KEYS = {"caller", "callee", "from", "to", "ani", "dnis", "caller_id", "phone", "number"}
+# A phone number however it is written (+1 555 0100, (555) 010-0100, tel:+15550100,
+# sip:+15550100@pbx): 7 to 15 digits (E.164's longest), separators allowed, a date not.
+_PHONE = re.compile(r"(?:tel:|sips?:)?\+?[\d\s().\-/]{7,}(?:@[\w.\-:\[\]]*)?", re.IGNORECASE)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 RECEIVE_POLL_S = 1.0  # how often a connection waiting for a frame checks it was taken over
 OPENING_WAIT_S = 10.0  # how long a connection waits for another to finish opening its call
+
+
+def is_phone_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return 7 <= len(str(abs(value))) <= 15
+    if not isinstance(value, str) or len(value) > 64 or _DATE.search(value):
+        return False
+    digits = sum(c.isdigit() for c in value)
+    return 7 <= digits <= 15 and _PHONE.fullmatch(value.strip()) is not None
+
+
+def pseudonymise(value: Any, key: bytes) -> Any:
+    """``value`` with every phone-number-shaped value in it replaced by its pseudonym."""
+    if isinstance(value, dict):
+        return {k: pseudonymise(v, key) for k, v in value.items()}
+    if isinstance(value, list):
+        return [pseudonymise(v, key) for v in value]
+    if is_phone_number(value):
+        number = re.sub(r"\D", "", str(value).split("@", 1)[0])  # one number, one pseudonym
+        return "hmac:" + hmac.new(key, number.encode(), hashlib.sha256).hexdigest()[:32]
+    return value
 
 
 class Reorderer:
@@ -264,6 +291,7 @@ class CallStream:
         self.runner: SessionRunner | None = None
         self.faults: Counter[str] = Counter()
         self.taken_over = False
+        self.rate = MessageRate(edge.settings.max_messages_per_s, edge.clock)
 
     @property
     def session_id(self) -> str | None:
@@ -287,13 +315,23 @@ class CallStream:
             )
 
     def receive(self) -> str | bytes:
-        """The next frame; ConnectionClosed once closed, or taken over by another connection."""
+        """The next frame; ConnectionClosed once closed, or taken over by another connection.
+        Frames beyond max_messages_per_s are dropped (a fault once a second); a flood closes
+        the connection (Refused)."""
         while True:
             message = self.ws.receive(timeout=RECEIVE_POLL_S)
             if self.taken_over:
                 raise ConnectionClosed(1000, "taken over")
-            if message is not None:
+            if message is None:
+                continue
+            verdict = self.rate.take()
+            if verdict == "ok":
                 return message
+            self.edge.metrics.messages_dropped.labels("telephony").inc()
+            if verdict == "cut":
+                raise Refused("messages arrive far faster than max_messages_per_s")
+            if verdict == "tell":
+                self.fault("rate_limited", "more messages than max_messages_per_s; dropped")
 
     def open(self, call_id: str, fmt: AudioFormat, parties: list[str], meta: dict) -> None:
         edge = self.edge
@@ -397,20 +435,14 @@ class TelephonyEdge:
         ]
 
     def private(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Caller numbers hashed (HMAC-SHA256 with ``caller_id_key``) when ``hash_caller_ids``."""
+        """With ``hash_caller_ids``, every value in the metadata that is shaped like a phone
+        number — whatever its key, in lists and nested objects too — becomes an HMAC-SHA256
+        pseudonym under ``caller_id_key`` (the same number, the same pseudonym)."""
         if not self.settings.hash_caller_ids:
             return meta
-        key = self.settings.caller_id_key.encode()
-        out: dict[str, Any] = {}
-        for k, v in meta.items():
-            if isinstance(v, dict):
-                out[k] = self.private(v)
-            elif k.lower() in CALLER_ID_KEYS and isinstance(v, str | int):
-                digest = hmac.new(key, str(v).encode(), hashlib.sha256).hexdigest()[:32]
-                out[k] = "hmac:" + digest
-            else:
-                out[k] = v
-        return out
+        hidden = pseudonymise(meta, self.settings.caller_id_key.encode())
+        assert isinstance(hidden, dict)
+        return hidden
 
     # --- Twilio Media Streams ----------------------------------------------------------------
 
@@ -429,6 +461,8 @@ class TelephonyEdge:
                         call.count("connected")
                     elif event == "start":
                         call.count("start")
+                        if call.runner is not None:  # one call per media connection
+                            raise Fault("second_start", "a second start on this connection")
                         self._twilio_start(call, parse_twilio_start(data), token_pending)
                     elif call.runner is None and token_pending:
                         call.fault("unauthorized", f"{event[:40]!r} before an authenticated start")

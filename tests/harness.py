@@ -218,7 +218,12 @@ class Receiver:
     """A local webhook endpoint: answers each POST with the next status in ``statuses``; with
     ``hang``, holds every request open until closed."""
 
-    def __init__(self, statuses: list[int] | None = None, hang: bool = False) -> None:
+    def __init__(
+        self,
+        statuses: list[int] | None = None,
+        hang: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.got: list[tuple[dict, bytes]] = []
@@ -236,6 +241,8 @@ class Receiver:
                     outer.closed.wait()
                     return
                 self.send_response(outer.statuses.pop(0) if outer.statuses else 204)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:

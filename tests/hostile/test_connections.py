@@ -162,7 +162,7 @@ def test_a_full_server_refuses_new_connections_at_once_and_recovers(guarded):
 def test_a_slow_request_body_is_cut_at_its_total_deadline(guarded):
     sock = connect_from(ATTACKER, guarded)
     sock.sendall(
-        b"POST /api/analyze HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        b"POST /api/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
         + TOKEN.encode()
         + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
     )

@@ -157,6 +157,7 @@ def test_a_webhook_is_signed_and_a_5xx_is_retried(receiver):
         runtime=ThreadRuntime(),
         on_failure=failures.append,
         backoff_s=0.01,
+        allow_private=True,  # the receiver is on loopback
     )
     sender.submit("alert.firing", {"alert": {"id": "a1", "rule": "high_stress"}})
     wait_for(lambda: len(receiver.got) == 3, 10, "two retries and a delivery")
@@ -182,6 +183,7 @@ def test_with_the_receiver_down_deliveries_fail_counted_and_the_queue_stays_boun
         queue_size=3,
         retries=2,
         backoff_s=0.01,
+        allow_private=True,
     )
     started = time.monotonic()
     for i in range(50):

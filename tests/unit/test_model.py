@@ -83,6 +83,21 @@ def test_short_tail_windows_work_and_embeddings_are_optional(tiny_model):
     assert tiny_model.predict(x).embeddings is None
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_the_traced_pass_gives_the_eager_numbers_and_other_shapes_stay_eager(tiny_model, dtype):
+    model = tiny_model.converted(dtype)  # a copy: the shared fixture stays eager
+    x = windows(3)
+    short = windows(1, seconds=0.7)
+    eager = {n: model.predict(x[:n], embeddings=True) for n in (1, 2, 3)}
+    eager_short = model.predict(short).probs
+    assert model.trace([1, 2], x.shape[1]) == [(1, x.shape[1]), (2, x.shape[1])]
+    for n in (1, 2, 3):  # 3 was not traced: eager, as before
+        got = model.predict(x[:n], embeddings=True)
+        np.testing.assert_array_equal(got.probs, eager[n].probs)
+        np.testing.assert_array_equal(got.embeddings, eager[n].embeddings)
+    np.testing.assert_array_equal(model.predict(short).probs, eager_short)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "int8"])
 def test_reduced_precision_stays_close_to_fp32(tiny_model_dir, tiny_model, dtype):
     """Every dtype runs on every CPU (slowly where it has no native support): its numbers are
