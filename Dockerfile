@@ -32,6 +32,7 @@ RUN PIP=/opt/venv/bin/pip TORCH="${TORCH}" TORCH_INDEX="${TORCH_INDEX}" ./instal
 COPY README.md ./
 COPY engine/ engine/
 COPY server/ server/
+COPY client/ client/
 COPY bench/ bench/
 COPY static/ static/
 RUN pip install --no-cache-dir --no-deps .

@@ -31,8 +31,8 @@ demo: setup  ## serve a RANDOM-WEIGHT model (no download); the page says so
 	$(BIN)/voxaffect serve --model models/tiny $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check engine server tests bench
-	$(BIN)/ruff format --check engine server tests bench
+	$(BIN)/ruff check engine server client tests bench
+	$(BIN)/ruff format --check engine server client tests bench
 	$(BIN)/mypy
 
 test: system setup lint  ## every tier but the image install check, two workers (a file stays on one)

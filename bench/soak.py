@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from server.client import StreamClient
+from client.stream import StreamClient
 
 CHUNK_S = 0.1
 

@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 
+from client.stream import StreamClient
 from engine import SAMPLE_RATE
 from engine.pipeline import PipelineConfig, plan_file
-from server.client import StreamClient
 
 CHUNK = 1600  # samples: 100 ms
 SPEECH_S, QUIET_S = 3.0, 3.0

@@ -48,6 +48,7 @@ from typing import Protocol
 import numpy as np
 
 from engine.lanes import Predictor
+from engine.model import WindowAnswer
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,22 @@ class _NoObserver:
 
 @dataclass(slots=True)
 class InferenceResult:
-    probs: np.ndarray  # (labels,)
-    embedding: np.ndarray | None
-    device: str
-    fallback_reason: str | None  # why a fallback device answered, None if the primary did
+    answer: WindowAnswer  # what the model said, whole
     batch_size: int
     queued_s: float
     inference_s: float
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self.answer.probs
+
+    @property
+    def device(self) -> str:
+        return self.answer.device
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.answer.fallback_reason
 
 
 class BatcherClosed(RuntimeError):
@@ -432,10 +442,7 @@ class InferenceBatcher:
         for i, request in enumerate(batch):
             request.future.set_result(
                 InferenceResult(
-                    probs=prediction.probs[i],
-                    embedding=None if prediction.embeddings is None else prediction.embeddings[i],
-                    device=prediction.device,
-                    fallback_reason=prediction.fallback_reason,
+                    answer=prediction.answer(i),
                     batch_size=len(batch),
                     queued_s=started - request.submitted,
                     inference_s=seconds,

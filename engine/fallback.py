@@ -25,6 +25,10 @@ from engine.model import Prediction
 log = logging.getLogger(__name__)
 
 REASONS = ("timeout", "oom", "error", "circuit_open", "busy")
+# Three failures in a row is a device in trouble, not one unlucky batch; thirty seconds keeps a
+# stuck GPU from costing every batch its deadline while leaving it a chance to recover soon.
+FAILURE_THRESHOLD = 3
+COOLDOWN_S = 30.0
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -36,8 +40,8 @@ class CircuitBreaker:
 
     def __init__(
         self,
-        failure_threshold: int = 3,
-        cooldown_s: float = 30.0,
+        failure_threshold: int = FAILURE_THRESHOLD,
+        cooldown_s: float = COOLDOWN_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failure_threshold = failure_threshold

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from engine import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
 HUBS = {"ms": "modelscope.cn", "hf": "huggingface.co"}
@@ -87,7 +89,7 @@ def resolve_checkpoint(source: str, hub: str = "auto") -> Path:
         raise ModelLoadError(
             f"model {repo} is not in the local cache and {HUBS[hub]} cannot be reached. "
             f"On a machine with network run `voxaffect download {source} --hub {hub} DIR` "
-            "(or `modelscope download --model iic/emotion2vec_plus_large --local_dir DIR`), "
+            f"(or `modelscope download --model {DEFAULT_MODEL} --local_dir DIR`), "
             "copy DIR here and pass --model DIR."
         )
     log.info("downloading %s from %s (first use; cached afterwards)", repo, HUBS[hub])

@@ -26,18 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import DEFAULT_MODEL
 from engine.checkpoint import is_random_checkpoint
 from engine.funasr_compat import build_module, english_label, strip_prefix
 from engine.hub import ModelLoadError, load_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "iic/emotion2vec_plus_large"
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 MIN_WINDOW_SAMPLES = 400  # one 25 ms frame of the convolutional front end
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-__all__ = ["DTYPES", "EmotionModel", "ModelLoadError", "Prediction", "load_model"]
+__all__ = ["DTYPES", "EmotionModel", "ModelLoadError", "Prediction", "WindowAnswer", "load_model"]
 
 
 @dataclass(slots=True)
@@ -46,6 +46,36 @@ class Prediction:
     embeddings: np.ndarray | None = None  # (batch, embed_dim) float32 utterance embeddings
     device: str = "cpu"  # where it was computed
     fallback_reason: str | None = None  # why a fallback device answered (engine/fallback.py)
+
+    def answer(self, i: int) -> WindowAnswer:
+        """Window ``i``'s part of the batch."""
+        return WindowAnswer(
+            probs=self.probs[i],
+            embedding=None if self.embeddings is None else self.embeddings[i],
+            device=self.device,
+            fallback_reason=self.fallback_reason,
+        )
+
+
+@dataclass(slots=True)
+class WindowAnswer:
+    """What the model said of one window, carried whole to the window's result: a field that
+    inference adds goes here (and in ``Prediction.answer``) and reaches every result, stored
+    timeline and file analysis from this one place."""
+
+    probs: np.ndarray  # (labels,)
+    embedding: np.ndarray | None = None
+    device: str = "cpu"
+    fallback_reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result fields that come from inference (probabilities go in as scores)."""
+        out: dict[str, Any] = {"device": self.device}
+        if self.fallback_reason:
+            out["fallback_reason"] = self.fallback_reason
+        if self.embedding is not None:
+            out["embedding"] = [round(float(v), 5) for v in self.embedding]
+        return out
 
 
 def _load_weights(module: nn.Module, checkpoint: Path, *, trusted: bool) -> None:

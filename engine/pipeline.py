@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import SAMPLE_RATE
 from engine.audio import AudioFormat, AudioFormatError, StreamDecoder
+from engine.model import WindowAnswer
 from engine.prosody import Prosody, measure
 from engine.ring_buffer import RingBuffer
 from engine.stress import StressResult, StressScorer
@@ -79,10 +80,8 @@ class FrameResult:
     scores: dict[str, float]
     stress: StressResult
     speech_ratio: float
-    device: str
-    fallback_reason: str | None = None
+    answer: WindowAnswer
     narrowband: bool = False
-    embedding: np.ndarray | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -93,14 +92,10 @@ class FrameResult:
             "scores": {k: round(v, 4) for k, v in self.scores.items()},
             "stress": self.stress.as_dict(),
             "speech_ratio": round(self.speech_ratio, 3),
-            "device": self.device,
+            **self.answer.as_dict(),
         }
-        if self.fallback_reason:
-            out["fallback_reason"] = self.fallback_reason
         if self.narrowband:
             out["narrowband"] = True
-        if self.embedding is not None:
-            out["embedding"] = [round(float(v), 5) for v in self.embedding]
         return out
 
 
@@ -253,20 +248,17 @@ class StreamPipeline:
     def complete(
         self,
         window: Window,
-        probs: np.ndarray,
+        answer: WindowAnswer,
         prosody: Prosody,
         *,
-        device: str,
-        fallback_reason: str | None = None,
-        embedding: np.ndarray | None = None,
         prosody_missing: str | None = None,
     ) -> FrameResult:
-        """Combine a window's probabilities and prosody into its result; windows in stream order.
-        ``prosody_missing`` says why the window has no prosody (its stress then rests on the
-        emotions alone, with lower confidence)."""
-        if not np.isfinite(probs).all():
+        """Combine what the model said of a window and its prosody into its result; windows in
+        stream order. ``prosody_missing`` says why the window has no prosody (its stress then
+        rests on the emotions alone, with lower confidence)."""
+        if not np.isfinite(answer.probs).all():
             raise ValueError("the window's probabilities are not finite")
-        scores = {label: float(p) for label, p in zip(self.labels, probs, strict=True)}
+        scores = {label: float(p) for label, p in zip(self.labels, answer.probs, strict=True)}
         best = max(scores, key=scores.__getitem__)
         result = FrameResult(
             start_s=window.start_s,
@@ -278,10 +270,8 @@ class StreamPipeline:
                 prosody, scores, window.speech_ratio, prosody_missing=prosody_missing
             ),
             speech_ratio=window.speech_ratio,
-            device=device,
-            fallback_reason=fallback_reason,
+            answer=answer,
             narrowband=self.narrowband,
-            embedding=embedding,
         )
         self.summary.add(result)
         return result
@@ -319,26 +309,37 @@ def plan_file(
     return pipeline, windows
 
 
+def timeline(
+    model_info: dict[str, Any],
+    config: PipelineConfig,
+    frames: list[FrameResult],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """A whole file's timeline, the one shape ``voxaffect analyze`` and ``POST /api/analyze``
+    both give: the model, the analysis settings, each window's result, the summary."""
+    return {
+        "model": model_info,
+        "config": config.as_dict(),
+        "frames": [f.as_dict() for f in frames],
+        "summary": summary,
+    }
+
+
 def complete_file(
     pipeline: StreamPipeline,
     windows: list[Window],
-    answers: list[tuple[np.ndarray, str, np.ndarray | None]],
+    answers: list[WindowAnswer],
     model_info: dict[str, Any],
     prosody: list[Prosody] | None = None,
 ) -> dict[str, Any]:
-    """The timeline from each window's (probabilities, device, embedding), in window order;
-    ``prosody`` if already measured, else measured here."""
+    """The timeline from what the model said of each window, in window order; ``prosody`` if
+    already measured, else measured here."""
     prosody = prosody or [pipeline.measure(w) for w in windows]
     frames = [
-        pipeline.complete(w, probs, p, device=device, embedding=emb).as_dict()
-        for w, (probs, device, emb), p in zip(windows, answers, prosody, strict=True)
+        pipeline.complete(w, answer, p)
+        for w, answer, p in zip(windows, answers, prosody, strict=True)
     ]
-    return {
-        "model": model_info,
-        "config": pipeline.config.as_dict(),
-        "frames": frames,
-        "summary": pipeline.summary_dict(),
-    }
+    return timeline(model_info, pipeline.config, frames, pipeline.summary_dict())
 
 
 def analyze(
@@ -362,6 +363,5 @@ def analyze(
             batch = np.stack([windows[i].samples for i in part])
             prediction = model.predict(batch, embeddings=embeddings)
             for j, i in enumerate(part):
-                emb = None if prediction.embeddings is None else prediction.embeddings[j]
-                answers[i] = (prediction.probs[j], model.device, emb)
+                answers[i] = prediction.answer(j)
     return complete_file(pipeline, windows, answers, model.describe())

@@ -22,27 +22,30 @@ from typing import Any
 from flask import Flask, Response, send_from_directory
 from flask_socketio import SocketIO
 
-from server import api, listener, logs, telephony
-from server.alerts import AlertEngine, load_rules
-from server.auth import origin_check
-from server.claims import RedisClaims
-from server.edge_guard import EdgeGuard
-from server.events import EventBus
-from server.factory import SessionFactory
-from server.listener import ListenerLimits
+from server import logs
+from server.edges import http_api as api
+from server.edges import listener
+from server.edges.auth import origin_check
+from server.edges.edge_guard import EdgeGuard
+from server.edges.listener import ListenerLimits
+from server.edges.socketio import MessageLimiter, PacketJson, StreamNamespace
+from server.edges.telephony import calls as telephony
+from server.edges.telephony.calls import TelephonyEdge
 from server.runtime import ThreadRuntime
 from server.service import Service, WrapPredictor
+from server.sessions.claims import RedisClaims
+from server.sessions.events import EventBus
+from server.sessions.factory import SessionFactory
 from server.settings import Settings
-from server.socketio_edge import PacketJson, StreamNamespace
-from server.subscribers import (
+from server.sinks.alerts import AlertEngine, load_rules
+from server.sinks.subscribers import (
     AlertPublisher,
     MetricsRecorder,
     MonitorPublisher,
     RoomPublisher,
     StoreRecorder,
 )
-from server.telephony import TelephonyEdge
-from server.webhooks import WebhookSender
+from server.sinks.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 RETENTION_EVERY_S = 3600.0
@@ -109,9 +112,13 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         max_http_buffer_size=settings.max_chunk_bytes * 2 + 65_536,
         message_queue=settings.message_queue or None,
         json=PacketJson,
+        # a client's events run in order on its own connection, not each in a greenthread of
+        # its own: a flood cannot fill the hub with tasks, it only slows its own connection
+        async_handlers=False,
         logger=False,
         engineio_logger=False,
     )
+    logs.own_library_loggers()
     metrics = service.metrics
     # outermost: in front of Engine.IO's middleware too (Host, malformed upgrades)
     flask.wsgi_app = EdgeGuard(  # type: ignore[method-assign]
@@ -159,6 +166,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         clock=service.clock,
     )
     socketio.on_namespace(namespace)
+    MessageLimiter(socketio.server, settings.max_messages_per_s, metrics, service.clock).install()
     telephony.register(
         flask,
         TelephonyEdge(

@@ -18,44 +18,11 @@ RANDOM_WEIGHTS_BANNER = (
 )
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, env: bool = False) -> None:
-    def default(name: str, value: str) -> str:
-        return os.environ.get(f"VOXAFFECT_{name}", value) if env else value
+def _settings(args: argparse.Namespace) -> Any:
+    """The same Settings as ``voxaffect serve``: flags over ``VOXAFFECT_*`` over defaults."""
+    from server.settings import Settings
 
-    p.add_argument(
-        "--model",
-        default=default("MODEL", "iic/emotion2vec_plus_large"),
-        help="checkpoint directory or hub id (default: %(default)s)",
-    )
-    p.add_argument(
-        "--hub",
-        default=default("HUB", "auto"),
-        choices=("auto", "ms", "hf"),
-        help="hub for a model id: ModelScope (ms) or Hugging Face (hf)",
-    )
-    p.add_argument(
-        "--device",
-        default=default("DEVICE", "auto"),
-        help="auto, cpu or cuda[:N] (default: %(default)s)",
-    )
-    p.add_argument(
-        "--dtype",
-        default=default("DTYPE", "auto"),
-        choices=("auto", "fp32", "bf16", "fp16", "int8"),
-        help="auto = fp16 on CUDA, fp32 on CPU; int8 is the fast CPU path",
-    )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-
-
-def _pipeline_config(args: argparse.Namespace) -> Any:
-    from engine.pipeline import PipelineConfig
-
-    return PipelineConfig(
-        window_s=args.window_s,
-        hop_s=args.hop_s,
-        min_speech_ratio=args.min_speech_ratio,
-        buffer_s=max(10.0, args.window_s + args.hop_s),
-    )
+    return Settings.from_sources(args)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -63,17 +30,31 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from engine.hub import ModelLoadError
     from engine.model import load_model
     from engine.pipeline import analyze
+    from server.sessions import wire
 
     try:
-        config = _pipeline_config(args)
-        samples, rate = load_file(args.file)
-        model = load_model(args.model, device=args.device, hub=args.hub, threads=args.threads)
-        if args.dtype not in ("auto", "fp32"):
-            model = model.converted(args.dtype)
+        settings = _settings(args)
+        samples, rate = load_file(args.file, max_seconds=None)
+        model = load_model(
+            settings.model,
+            device=settings.device,
+            hub=settings.hub,
+            threads=settings.cpu_threads or None,
+            trusted=settings.trust_checkpoint,
+        )
+        if settings.dtype not in ("auto", "fp32"):
+            model = model.converted(settings.dtype)
     except (AudioFormatError, ModelLoadError, ValueError) as exc:
         print(f"voxaffect analyze: {exc}", file=sys.stderr)
         return 2
-    timeline = analyze(samples, model, config, narrowband=rate < 16000, embeddings=args.embeddings)
+    timeline = analyze(
+        samples,
+        model,
+        settings.pipeline_config(),
+        narrowband=rate < 16000,
+        embeddings=settings.embeddings,
+    )
+    timeline["summary"] = wire.track_summary(timeline["summary"], expired=0, failed=0)
     timeline["file"] = str(args.file)
     if timeline["model"].get("random_weights"):
         timeline["warning"] = RANDOM_WEIGHTS_BANNER
@@ -124,8 +105,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
     from engine.hub import ModelLoadError, resolve_checkpoint
 
+    settings = _settings(args)
     try:
-        cached = resolve_checkpoint(args.model_id, args.hub)
+        cached = resolve_checkpoint(args.model_id or settings.model, settings.hub)
     except ModelLoadError as exc:
         print(f"voxaffect download: {exc}", file=sys.stderr)
         return 2
@@ -138,8 +120,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
+    from client.stream import ServerError, stream_file
     from engine.audio import AudioFormatError
-    from server.client import ServerError, stream_file
 
     warned: list[bool] = []  # the random-weight banner goes first, and once
 
@@ -200,14 +182,19 @@ def cmd_purge(args: argparse.Namespace) -> int:
     import datetime
 
     from server.runtime import ThreadRuntime
-    from server.store import Store, redacted
+    from server.sinks.store import Store, redacted
 
     try:
         before = datetime.datetime.fromisoformat(args.before).timestamp()
     except ValueError:
         print(f"voxaffect purge: --before {args.before!r} is not an ISO date", file=sys.stderr)
         return 2
-    store = Store(args.db, runtime=ThreadRuntime())
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        print(f"voxaffect purge: {exc}", file=sys.stderr)
+        return 2
+    store = Store(settings.db, runtime=ThreadRuntime())
     try:
         store.start()
         deleted = store.purge(before)
@@ -224,14 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxaffect", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("analyze", help="analyse an audio file and print its timeline")
+    from server.settings import Settings
+
+    p = sub.add_parser(
+        "analyze",
+        help="analyse an audio file and print its timeline (the settings of `serve`)",
+    )
     p.add_argument("file")
-    _add_model_args(p)
-    p.add_argument("--window-s", type=float, default=2.0)
-    p.add_argument("--hop-s", type=float, default=1.0)
-    p.add_argument("--min-speech-ratio", type=float, default=0.3)
-    p.add_argument("--embeddings", action="store_true", help="include utterance embeddings")
     p.add_argument("--json", action="store_true", help="print the timeline as JSON")
+    Settings.add_arguments(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("stream", help="stream a file to a server and print results as they come")
@@ -252,13 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("purge", help="delete stored sessions that ended before a date")
     p.add_argument("--before", required=True, help="a date or time, ISO 8601 (local unless +HH:MM)")
-    p.add_argument("--db", default=os.environ.get("VOXAFFECT_DB", "voxaffect.db"))
+    p.add_argument("--db", help="the store (env VOXAFFECT_DB; default as for serve)")
     p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("download", help="fetch a model into the hub cache (and copy it to DIR)")
-    p.add_argument("model_id", nargs="?", default="iic/emotion2vec_plus_large")
+    p.add_argument("model_id", nargs="?", help="hub id (default: the model setting)")
     p.add_argument("dir", nargs="?")
-    p.add_argument("--hub", default="auto", choices=("auto", "ms", "hf"))
+    p.add_argument("--hub", help="auto, ms or hf (env VOXAFFECT_HUB)")
     p.set_defaults(func=cmd_download)
     return parser
 
@@ -299,7 +287,7 @@ def serve(argv: list[str]) -> int:
         print(f"voxaffect serve: {exc}", file=sys.stderr)
         return 2
     from engine.hub import ModelLoadError
-    from server.alerts import RuleError, load_rules
+    from server.sinks.alerts import RuleError, load_rules
 
     try:
         if settings.alert_rules:  # before the model loads: a typo fails in a second

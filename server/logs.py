@@ -110,3 +110,14 @@ def configure(level: str, *, json_logs: bool = False, node: str = "") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for noisy in ("engineio", "socketio", "werkzeug", "eventlet.wsgi"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def own_library_loggers() -> None:
+    """python-engineio and python-socketio give their loggers a plain handler of their own when
+    they find none configured at that moment: every line twice, and the second one neither
+    formatted nor throttled. Theirs go; their records reach this module's handler."""
+    for name in ("engineio.server", "socketio.server"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

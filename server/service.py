@@ -33,14 +33,14 @@ from engine.tuning import (
     machine_key,
     tune,
 )
-from server import wire
-from server.analysis import WindowAnalyser
-from server.metrics import Load, Metrics
-from server.prosody_pool import InProcessProsody, ProsodyPool
 from server.runtime import EventletRuntime, ThreadRuntime
-from server.sessions import SessionRegistry
+from server.sessions import wire
+from server.sessions.analysis import WindowAnalyser
+from server.sessions.prosody_pool import InProcessProsody, ProsodyPool
+from server.sessions.registry import SessionRegistry
 from server.settings import Settings
-from server.store import Store, redacted
+from server.sinks.metrics import Load, Metrics
+from server.sinks.store import Store, redacted
 
 log = logging.getLogger(__name__)
 # How long a restarted node waits for the sessions its previous run left open to be committed as
@@ -119,6 +119,7 @@ class Service:
             settings.db,
             runtime=runtime,
             node=settings.node_name,
+            buffer_max=settings.store_buffer_writes,
             on_error=lambda kind: self.metrics.store_errors.labels(kind).inc(),
         )
         self.store.start()

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import DEFAULT_MODEL
 from engine.pipeline import PipelineConfig
-from server.store import database_url, redacted
+from server.sinks.store import database_url, redacted
 
 ENV_PREFIX = "VOXAFFECT_"
 MIN_TOKEN_CHARS = 16
@@ -91,9 +92,7 @@ class Settings:
         metadata={"help": "open connections from one address at most (trusted proxies exempt)"},
     )
     # model and inference
-    model: str = field(
-        default="iic/emotion2vec_plus_large", metadata={"help": "checkpoint directory or hub id"}
-    )
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "checkpoint directory or hub id"})
     hub: str = field(default="auto", metadata={"help": "auto, ms (ModelScope) or hf"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     dtype: str = field(
@@ -211,6 +210,13 @@ class Settings:
     inbox_max_bytes: int = field(
         default=4_194_304,
         metadata={"help": "audio bytes a session may have waiting; beyond, RATE_LIMITED"},
+    )
+    store_buffer_writes: int = field(
+        default=50_000,
+        metadata={
+            "help": "store writes kept while the database is unreachable or slow; beyond, the "
+            "oldest are dropped and counted"
+        },
     )
     subscriber_queue: int = field(
         default=10_000,
@@ -332,6 +338,7 @@ class Settings:
             "max_sessions_per_connection",
             "max_sessions_per_ip",
             "max_concurrent_analyses",
+            "store_buffer_writes",
             "max_chunk_bytes",
             "inbox_max_bytes",
             "subscriber_queue",
@@ -370,7 +377,7 @@ class Settings:
         both = set(self.api_tokens) & set(self.ingest_tokens)
         if both:
             raise ValueError("a token cannot be both in api_tokens and in ingest_tokens")
-        from server.listener import parse_networks  # (settings import nothing of the server)
+        from server.edges.listener import parse_networks  # (settings import nothing of the server)
 
         try:
             parse_networks(self.trusted_proxies)

@@ -3,7 +3,7 @@
 // the last seq it holds, keeps the chunks recorded meanwhile, and drops replayed duplicates.
 "use strict";
 
-const { HeatStrip, StressChart, renderDistribution, renderComponents, timelineCsv, download, fmt } = window.Views;
+const { HeatStrip, StressChart, renderDistribution, renderComponents, download, fmt } = window.Views;
 const $ = id => document.getElementById(id);
 const MAX_QUEUED_CHUNKS = 600;    // a minute of audio kept while reconnecting
 const MAX_RESULTS = 20000;        // about five and a half hours of 1 s hops
@@ -263,13 +263,24 @@ async function analyseFile(file) {
 async function exportTimeline(format) {
   if (state.fileTimeline) {
     const name = (state.fileTimeline.file || "timeline").replace(/\.[^.]+$/, "");
-    if (format === "csv") download(`${name}.csv`, timelineCsv(state.fileTimeline.frames), "text/csv");
-    else download(`${name}.json`, JSON.stringify(state.fileTimeline, null, 2), "application/json");
+    if (format === "json") {
+      download(`${name}.json`, JSON.stringify(state.fileTimeline, null, 2), "application/json");
+      return;
+    }
+    // CSV is written by the server only, by the same code as a stored session's
+    const res = await fetch("/api/csv", {
+      method: "POST", body: JSON.stringify(state.fileTimeline),
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+    });
+    if (!res.ok) { say(`Export failed: the server answered ${res.status}.`); return; }
+    download(`${name}.csv`, await res.text(), "text/csv");
     return;
   }
   if (!state.sessionId) return;
-  // The stored timeline is the reference: what the server kept is what is exported.
-  const res = await fetch(`/api/sessions/${state.sessionId}?format=${format}`, { headers: authHeaders() });
+  // The stored timeline is the reference: what the server kept is what is exported. The
+  // session's resume token lets its own client read it without a supervisor token.
+  const headers = { ...authHeaders(), "X-Resume-Token": state.resumeToken || "" };
+  const res = await fetch(`/api/sessions/${state.sessionId}?format=${format}`, { headers });
   if (!res.ok) { say(`Export failed: the server answered ${res.status}.`); return; }
   const type = format === "csv" ? "text/csv" : "application/json";
   download(`voxaffect-${state.sessionId}.${format}`, await res.text(), type);

@@ -225,17 +225,6 @@ function renderComponents(container, stress) {
 
 // --- export -----------------------------------------------------------------------------------
 
-function timelineCsv(frames) {
-  const header = ["seq", "track", "start_s", "end_s", "emotion", "confidence", "stress_index", "stress_level",
-    "stress_confidence", "speech_ratio", "device", ...EMOTIONS];
-  const lines = [header.join(",")];
-  for (const f of frames) {
-    lines.push([f.seq ?? "", f.track ?? "", f.start_s, f.end_s, f.emotion, f.confidence, f.stress.index, f.stress.level,
-      f.stress.confidence, f.speech_ratio, f.device, ...EMOTIONS.map(e => f.scores[e] ?? "")].join(","));
-  }
-  return lines.join("\r\n") + "\r\n";
-}
-
 function download(name, content, type) {
   const url = URL.createObjectURL(new Blob([content], { type }));
   const a = el("a", { href: url, download: name });
@@ -245,5 +234,5 @@ function download(name, content, type) {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
-window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, timelineCsv, download, el, fmt, thinned };
+window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, download, el, fmt, thinned };
 })();

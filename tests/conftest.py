@@ -23,7 +23,7 @@ def tiny_model(tiny_model_dir: Path):
 
 EVENTLET_REFUSED = (
     "eventlet was imported into the test process: socketserver-based receivers here then stop "
-    "answering some requests. Run eventlet code with tests.harness.under_eventlet."
+    "answering some requests. Run eventlet code with tests.support.harness.under_eventlet."
 )
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, ServerProcess
-from tests.speech import espeak_wav
+from tests.support.harness import ROOT, ServerProcess
+from tests.support.speech import espeak_wav
 
 ARTIFACTS = ROOT / "artifacts" / "e2e"
 TOKEN = "e2e-token-0123456789"

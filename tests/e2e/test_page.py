@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.e2e.conftest import ARTIFACTS, TOKEN
-from tests.protocol.client import Recorder
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import Recorder
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.e2e
 
@@ -165,7 +165,7 @@ def test_an_alert_appears_on_the_monitor_makes_itself_noticed_and_opens_its_call
 def test_a_dropped_connection_resumes_without_losing_the_timeline(
     browser, tiny_model_dir, tmp_path
 ):
-    from tests.harness import ServerProcess
+    from tests.support.harness import ServerProcess
 
     server = ServerProcess(tiny_model_dir, tmp_path / "server").start()
     try:
@@ -199,7 +199,7 @@ def test_a_dropped_connection_resumes_without_losing_the_timeline(
 def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, tmp_path):
     import threading
 
-    from tests.calls import (
+    from tests.support.calls import (
         at_8k,
         mulaw,
         party_audio,
@@ -207,7 +207,7 @@ def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, t
         twilio_messages,
         ws_url,
     )
-    from tests.harness import ServerProcess
+    from tests.support.harness import ServerProcess
 
     server = ServerProcess(
         tiny_model_dir,

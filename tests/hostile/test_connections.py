@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import websocket
 
-from tests.harness import ServerProcess
-from tests.hostile.conftest import Healthy, stream_once
-from tests.protocol.client import Recorder, wait_for
+from tests.hostile.conftest import Healthy, stall_limit_ms, stream_once
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ServerProcess
 
 pytestmark = pytest.mark.hostile
 
@@ -112,7 +112,8 @@ def test_trickled_headers_are_cut_at_the_deadline_and_one_address_gets_its_cap_o
     guarded, healthy_audio, guarded_reference
 ):
     before = {r: refused(guarded, r) for r in ("per_address", "header_timeout")}
-    with Healthy(guarded, healthy_audio, guarded_reference, token=TOKEN):
+    stall = stall_limit_ms(guarded, healthy_audio, guarded_reference, token=TOKEN)
+    with Healthy(guarded, healthy_audio, guarded_reference, token=TOKEN, stall_ms=stall):
         trickle = Trickler(guarded, PER_ADDRESS + 40, ATTACKER)
         try:
             wait_for(lambda: len(trickle.closed_after) == len(trickle.socks), 30, "every close")

@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 import websocket
 
-from tests.calls import at_8k, mulaw, replay, stored_call, twilio_messages, ws_url
-from tests.harness import ServerProcess, multipart
 from tests.hostile.conftest import rss_mb, stream_once
-from tests.protocol.client import Recorder, wait_for
-from tests.speech import silence, speech, to_pcm16
+from tests.support.calls import at_8k, mulaw, replay, stored_call, twilio_messages, ws_url
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ServerProcess, multipart
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.hostile
 
@@ -45,7 +45,7 @@ def count(server: ServerProcess, kind: str, protocol: str = "twilio") -> float:
     return server.metric("voxaffect_telephony_events_total", protocol=protocol, kind=kind)
 
 
-def test_1_twilio_chunk_numbers_far_ahead_cost_no_time_and_no_memory(hostile, healthy):
+def test_twilio_chunk_numbers_far_ahead_cost_no_time_and_no_memory(hostile, healthy):
     server, _ = hostile
     before_rss, before_gaps = rss_mb(server.proc.pid), count(server, "chunk_gap")
     with healthy:
@@ -64,7 +64,7 @@ def test_1_twilio_chunk_numbers_far_ahead_cost_no_time_and_no_memory(hostile, he
     assert call["summary"]["tracks"]["customer"]["duration_s"] < 60
 
 
-def test_2_a_session_id_is_never_reused_and_an_ended_room_hears_nothing(hostile, healthy):
+def test_a_session_id_is_never_reused_and_an_ended_room_hears_nothing(hostile, healthy):
     server, _ = hostile
     with healthy:
         a = Recorder(server.url)
@@ -92,7 +92,7 @@ def test_2_a_session_id_is_never_reused_and_an_ended_room_hears_nothing(hostile,
     b.close()
 
 
-def test_3_a_catch_up_burst_loses_no_window_to_the_ring_buffer(hostile, healthy):
+def test_a_catch_up_burst_loses_no_window_to_the_ring_buffer(hostile, healthy):
     server, _ = hostile
     pcm = to_pcm16(np.tile(speech(), 3)[: 16 * 16000])
     with healthy:
@@ -116,7 +116,7 @@ def test_3_a_catch_up_burst_loses_no_window_to_the_ring_buffer(hostile, healthy)
         c.close()
 
 
-def test_4_oversized_audio_fork_frames_are_refused_and_counted(hostile, healthy):
+def test_oversized_audio_fork_frames_are_refused_and_counted(hostile, healthy):
     server, _ = hostile
     before_rss, before = rss_mb(server.proc.pid), count(server, "oversized", "audiofork")
     with healthy:
@@ -134,7 +134,7 @@ def test_4_oversized_audio_fork_frames_are_refused_and_counted(hostile, healthy)
     assert rss_mb(server.proc.pid) - before_rss < 200
 
 
-def test_5_a_second_connection_for_a_live_call_takes_it_over(hostile, healthy):
+def test_a_second_connection_for_a_live_call_takes_it_over(hostile, healthy):
     server, _ = hostile
     first_audio = mulaw(at_8k(speech()[: 3 * 16000]))
     second_audio = mulaw(at_8k(np.concatenate([speech(pitch=70), silence(0.3)])))
@@ -172,7 +172,7 @@ def test_5_a_second_connection_for_a_live_call_takes_it_over(hostile, healthy):
     assert "Traceback" not in server.log()
 
 
-def test_6_telephony_refuses_a_foreign_browser_origin(hostile, healthy):
+def test_telephony_refuses_a_foreign_browser_origin(hostile, healthy):
     server, _ = hostile
     with healthy:
         with pytest.raises(websocket.WebSocketBadStatusException) as info:
@@ -191,7 +191,7 @@ def test_6_telephony_refuses_a_foreign_browser_origin(hostile, healthy):
     assert count(server, "foreign_origin") >= 1
 
 
-def test_7_huge_float_samples_are_clipped_and_the_session_goes_on(hostile, healthy):
+def test_huge_float_samples_are_clipped_and_the_session_goes_on(hostile, healthy):
     server, _ = hostile
     with healthy:
         client = Recorder(server.url)
@@ -218,7 +218,7 @@ def test_7_huge_float_samples_are_clipped_and_the_session_goes_on(hostile, healt
     client.close()
 
 
-def test_8_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, reference):
+def test_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, reference):
     """With the model made slow (every batch 0.1 s), a live stream beside a 5-minute upload gets
     every result while the upload is still being analysed. Queued behind the upload, its windows
     would be superseded (one in flight, one pending) and its summary would come after the upload's
@@ -254,7 +254,7 @@ def test_8_a_long_upload_does_not_starve_live_streams(hostile, healthy_audio, re
 @pytest.mark.parametrize(
     "call_sid", ['CA"quote', "CA\r\nX-Injected: 1", "CA/../slash", "C" * 200_000, "x" * 129]
 )
-def test_9_call_ids_follow_the_one_session_id_rule(hostile, healthy, call_sid):
+def test_call_ids_follow_the_one_session_id_rule(hostile, healthy, call_sid):
     server, _ = hostile
     before = count(server, "bad_call_id") + count(server, "oversized")
     with healthy:
@@ -269,7 +269,7 @@ def test_9_call_ids_follow_the_one_session_id_rule(hostile, healthy, call_sid):
     assert call_sid not in listed and not any(sid.startswith("CA/") for sid in listed)
 
 
-def test_10a_sessions_a_killed_server_left_open_are_closed_as_interrupted(tiny_model_dir, tmp_path):
+def test_sessions_a_killed_server_left_open_are_closed_as_interrupted(tiny_model_dir, tmp_path):
     proc = ServerProcess(tiny_model_dir, tmp_path / "killed").start()
     client = Recorder(proc.url)
     sid = client.start()["session_id"]
@@ -289,7 +289,7 @@ def test_10a_sessions_a_killed_server_left_open_are_closed_as_interrupted(tiny_m
     assert {r["seq"] for r in seen} <= {f["seq"] for f in stored["frames"]}
 
 
-def test_10b_a_connection_that_never_sends_a_request_is_closed(hostile, healthy):
+def test_a_connection_that_never_sends_a_request_is_closed(hostile, healthy):
     server, _ = hostile
     with healthy:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
@@ -301,7 +301,7 @@ def test_10b_a_connection_that_never_sends_a_request_is_closed(hostile, healthy)
     assert waited < 20
 
 
-def test_10c_a_wav_chunk_claiming_1_hz_is_invalid_audio(hostile, healthy):
+def test_a_wav_chunk_claiming_1_hz_is_invalid_audio(hostile, healthy):
     server, _ = hostile
     wav = io.BytesIO()
     sf.write(wav, np.zeros(100, np.float32), 1, format="WAV", subtype="PCM_16")
@@ -315,7 +315,7 @@ def test_10c_a_wav_chunk_claiming_1_hz_is_invalid_audio(hostile, healthy):
     assert error["code"] == "INVALID_AUDIO" and "1 Hz" in error["message"]
 
 
-def test_10d_negative_twilio_chunk_numbers_are_counted(hostile, healthy):
+def test_negative_twilio_chunk_numbers_are_counted(hostile, healthy):
     server, _ = hostile
     before = count(server, "bad_chunk")
     with healthy:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.harness import ROOT, ServerProcess, free_port
-from tests.protocol.client import start_streams, wait_for
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import start_streams, wait_for
+from tests.support.harness import ROOT, ServerProcess, free_port
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.ops
 GRAFANA = ROOT / "grafana"
@@ -143,7 +143,7 @@ def _load(server: ServerProcess) -> None:
     """Two streams, a telephony call and a bad message: every panel has something to show."""
     pcm = to_pcm16(np.concatenate([silence(0.5), speech(), silence(0.5)]))
     clients, sids, threads = start_streams(server.url, pcm, 2)
-    from tests.calls import at_8k, mulaw, replay, twilio_messages, ws_url
+    from tests.support.calls import at_8k, mulaw, replay, twilio_messages, ws_url
 
     replay(
         ws_url(server, "/telephony/twilio"),

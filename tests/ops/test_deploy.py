@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import ROOT
+from tests.support.harness import ROOT
 
 pytestmark = pytest.mark.ops
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import ROOT, ServerProcess, free_port, redis_server
-from tests.protocol.client import Recorder, wait_for
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ROOT, ServerProcess, free_port, redis_server
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.ops
 TOKEN = "cluster-token-0123456"

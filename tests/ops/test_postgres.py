@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import ServerProcess, free_port, redis_server
-from tests.protocol.client import Recorder, wait_for
-from tests.speech import speech, to_pcm16
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ServerProcess, free_port, redis_server
+from tests.support.speech import speech, to_pcm16
 
 pytestmark = pytest.mark.ops
 TOKEN = "pg-token-0123456789"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gates import GATE_ENV, Gate
-from tests.harness import ServerProcess
+from tests.support.gates import GATE_ENV, Gate
+from tests.support.harness import ServerProcess
 
 TOKEN = "test-token-1234567"
 STRICT_ARGS = (
@@ -52,13 +52,13 @@ def gated_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, Gate]]:
     """Its model waits while the test holds the gate, or stays busy as long as the test asks
-    (tests/gates.py): results come when the test decides, not when this CPU is done."""
+    (tests/support/gates.py): results come when the test decides, not when this CPU is done."""
     work = tmp_path_factory.mktemp("gated")
     gate = Gate(work / "gate")
     proc = ServerProcess(
         tiny_model_dir,
         work,
-        env={"VOXAFFECT_TEST_WRAP_PREDICTOR": "tests.gates:wrap", GATE_ENV: str(gate.dir)},
+        env={"VOXAFFECT_TEST_WRAP_PREDICTOR": "tests.support.gates:wrap", GATE_ENV: str(gate.dir)},
     ).start()
     yield proc, gate
     proc.stop()

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.harness import ROOT, Receiver, ServerProcess
-from tests.protocol.client import Recorder, wait_for
 from tests.protocol.conftest import TOKEN
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ROOT, Receiver, ServerProcess
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
 SECRET = "webhook-secret-for-tests"

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.harness import multipart
-from tests.protocol.client import Recorder, wait_for
 from tests.protocol.conftest import TOKEN
-from tests.speech import speech, to_pcm16
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import multipart
+from tests.support.speech import speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
 
@@ -166,7 +166,7 @@ def _prosody_worker(server_pid: int) -> int:
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             cmdline = (stat.parent / "cmdline").read_bytes()
-            if int(fields[1]) == server_pid and b"server.prosody_pool" in cmdline:
+            if int(fields[1]) == server_pid and b"server.sessions.prosody_pool" in cmdline:
                 return int(stat.parent.name)
     raise AssertionError("the server has no prosody worker")
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import socketio
 
-from tests.harness import ServerProcess
-from tests.protocol.client import Recorder, wait_for
 from tests.protocol.conftest import TOKEN
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import Recorder, wait_for
+from tests.support.harness import ServerProcess
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
 

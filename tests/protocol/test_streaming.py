@@ -4,6 +4,7 @@ import base64
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -14,20 +15,23 @@ import pytest
 import soundfile as sf
 
 from tests import LABELS
-from tests.harness import under_eventlet
-from tests.protocol.client import Recorder, start_streams, wait_for
-from tests.speech import silence, speech, to_pcm16
+from tests.support.client import Recorder, start_streams, wait_for
+from tests.support.harness import under_eventlet
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.protocol
 
 
-def voxaffect(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def voxaffect(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "server.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=check,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -116,7 +120,7 @@ def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(s
 
 @pytest.mark.smoke
 def test_inference_never_blocks_another_clients_round_trip(gated):
-    """The model is kept busy 1.5 s per batch (tests/gates.py) while another client pings."""
+    """The model is kept busy 1.5 s per batch (tests/support/gates.py); another client pings."""
     server, gate = gated
     busy_s = 1.5
     gate.slow(busy_s)
@@ -220,7 +224,7 @@ def test_eight_concurrent_streams_all_complete(server):
 
 
 def test_http_analyze_returns_the_cli_timeline(server, tiny_model_dir, tmp_path):
-    from tests.harness import multipart
+    from tests.support.harness import multipart
 
     path = tmp_path / "talk.wav"
     sf.write(path, talk(), 16000, subtype="PCM_16")
@@ -241,10 +245,30 @@ def test_http_analyze_returns_the_cli_timeline(server, tiny_model_dir, tmp_path)
         assert max(abs(a["scores"][k] - b["scores"][k]) for k in LABELS) < 1e-3
         assert a["stress"]["index"] == pytest.approx(b["stress"]["index"], abs=0.5)
     assert http["summary"]["windows"] == cli["summary"]["windows"]
+    # one shape from one code path: the same settings, fields and summary
+    assert http["config"] == cli["config"] and http["model"]["labels"] == cli["model"]["labels"]
+    assert [set(f) for f in http["frames"]] == [set(f) for f in cli["frames"]]
+    assert set(http["summary"]) == set(cli["summary"])
+    assert set(http) - set(cli) == {"errors"} and set(cli) - set(http) == {"warning"}
+
+
+def test_cli_analyze_reads_the_settings_serve_reads(tiny_model_dir, tmp_path):
+    path = tmp_path / "talk.wav"
+    sf.write(path, talk(), 16000, subtype="PCM_16")
+    env = {"VOXAFFECT_BASELINE_WINDOWS": "5", "VOXAFFECT_VAD_AGGRESSIVENESS": "3"}
+    out = voxaffect(
+        "analyze", str(path), "--model", str(tiny_model_dir), "--hop-s", "0.5", "--json", env=env
+    )
+    config = json.loads(out.stdout)["config"]
+    assert (config["baseline_windows"], config["vad_aggressiveness"], config["hop_s"]) == (
+        5,
+        3,
+        0.5,
+    )
 
 
 def test_http_analyze_refuses_bad_files(server):
-    from tests.harness import multipart
+    from tests.support.harness import multipart
 
     body, ctype = multipart("file", "x.wav", b"definitely not audio")
     status, raw, _ = server.request("/api/analyze", data=body, headers={"Content-Type": ctype})

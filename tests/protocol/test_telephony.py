@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import websocket
 
-from tests.calls import (
+from tests.protocol.conftest import TOKEN
+from tests.support.calls import (
     CUSTOMER,
     at_8k,
     l16,
@@ -19,9 +20,8 @@ from tests.calls import (
     twilio_messages,
     ws_url,
 )
-from tests.protocol.client import Recorder, wait_for
-from tests.protocol.conftest import TOKEN
-from tests.speech import speech
+from tests.support.client import Recorder, wait_for
+from tests.support.speech import speech
 
 pytestmark = pytest.mark.protocol
 

@@ -1,4 +1,4 @@
-"""Alert rules (server/alerts.py) on scripted results, and webhooks against a local receiver."""
+"""Alert rules (server/sinks/alerts.py) on scripted results; webhooks against a local receiver."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.alerts import AlertEngine, RuleError, parse_rules
 from server.runtime import ThreadRuntime
-from server.webhooks import SIGNATURE_HEADER, WebhookSender
+from server.sinks.alerts import AlertEngine, RuleError, parse_rules
+from server.sinks.webhooks import SIGNATURE_HEADER, WebhookSender
 from tests import LABELS
-from tests.harness import Receiver, free_port
-from tests.protocol.client import wait_for
+from tests.support.client import wait_for
+from tests.support.harness import Receiver, free_port
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from tests.harness import under_eventlet
+from tests.support.harness import under_eventlet
 
 pytestmark = pytest.mark.unit
 
@@ -68,7 +68,7 @@ STORE_FLUSH = textwrap.dedent(
     eventlet.monkey_patch()
     import sys
     from server.runtime import EventletRuntime
-    from server.store import Store
+    from server.sinks.store import Store
     store = Store(sys.argv[1], runtime=EventletRuntime())
     store.start()
     store.close_session("s", {}, ended_at=0.0)

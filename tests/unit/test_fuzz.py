@@ -18,8 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.audio import ENCODINGS, AudioFormat, AudioFormatError, StreamDecoder, decode_chunk
-from server.protocol import ERROR_CODES, ProtocolError, chunk_seconds, parse_chunk, parse_start
-from server.telephony import (
+from server.edges.protocol import (
+    ERROR_CODES,
+    ProtocolError,
+    chunk_seconds,
+    parse_chunk,
+    parse_start,
+)
+from server.edges.telephony.calls import (
     MAX_GAP_FILL_S,
     TWILIO_CHUNK_S,
     Fault,

@@ -17,21 +17,21 @@ from werkzeug.test import Client
 
 from engine.audio import AudioFormat, AudioFormatError, file_blocks
 from engine.pipeline import PipelineConfig, StreamPipeline
-from server.auth import allowed, client_address, host_allowed, request_token, token_role
-from server.edge_guard import EdgeGuard
+from server.edges.auth import allowed, client_address, host_allowed, request_token, token_role
+from server.edges.edge_guard import EdgeGuard
+from server.edges.protocol import FLOOD_FACTOR, MessageRate
+from server.edges.telephony.calls import is_phone_number, pseudonymise
 from server.logs import TextFormatter, Throttle
-from server.protocol import FLOOD_FACTOR, MessageRate
-from server.runner import INBOX_ITEM_BYTES, InboxFull, SessionRunner, Track
 from server.runtime import ThreadRuntime
-from server.sessions import Session
+from server.sessions.runner import INBOX_ITEM_BYTES, InboxFull, SessionRunner, Track
+from server.sessions.session import Session
 from server.settings import Settings, parse
-from server.store import Store, redacted
-from server.telephony import is_phone_number, pseudonymise
-from server.webhooks import WebhookSender
+from server.sinks.store import Store, redacted
+from server.sinks.webhooks import WebhookSender
 from tests import LABELS
-from tests.fakes import FakeAnalyse, Recorder
-from tests.harness import Receiver
-from tests.protocol.client import wait_for
+from tests.support.client import wait_for
+from tests.support.fakes import FakeAnalyse, Recorder
+from tests.support.harness import Receiver
 
 pytestmark = pytest.mark.unit
 

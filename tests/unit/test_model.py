@@ -13,7 +13,7 @@ from engine.funasr_compat import english_label
 from engine.hub import ModelLoadError
 from engine.model import load_model
 from tests import LABELS
-from tests.speech import speech
+from tests.support.speech import speech
 
 pytestmark = pytest.mark.unit
 

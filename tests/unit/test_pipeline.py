@@ -11,7 +11,7 @@ import soundfile as sf
 from engine.audio import AudioFormat
 from engine.pipeline import PipelineConfig, StreamPipeline, analyze
 from tests import LABELS
-from tests.speech import noise, silence, speech, to_pcm16
+from tests.support.speech import noise, silence, speech, to_pcm16
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,10 @@ from engine.audio import AudioFormat
 from engine.batcher import InferenceBatcher, WindowExpired
 from engine.model import Prediction
 from engine.pipeline import PipelineConfig, StreamPipeline
-from server.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
-from server.events import Ended, Error, Result, Skipped, VadChange
-from server.runner import (
+from server.runtime import ThreadRuntime
+from server.sessions.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
+from server.sessions.events import Ended, Error, Result, Skipped, VadChange
+from server.sessions.runner import (
     FILE,
     LIVE,
     InboxFull,
@@ -23,11 +24,10 @@ from server.runner import (
     Track,
     WindowPolicy,
 )
-from server.runtime import ThreadRuntime
-from server.sessions import Session
+from server.sessions.session import Session
 from tests import LABELS
-from tests.fakes import WAIT_S, FakeAnalyse, HeldFeed, Recorder, calm_prosody
-from tests.speech import silence, speech, to_pcm16
+from tests.support.fakes import WAIT_S, FakeAnalyse, HeldFeed, Recorder, calm_prosody
+from tests.support.speech import silence, speech, to_pcm16
 
 pytestmark = pytest.mark.unit
 
@@ -258,7 +258,7 @@ def test_a_window_whose_prosody_times_out_is_analysed_without_it_and_counted():
         np.zeros(32000, np.float32), narrowband=False, embeddings=False, priority="live"
     )
     assert analysis.prosody_missing == "timeout" and np.isnan(analysis.prosody.f0_mean_st)
-    assert analysis.probs.shape == (len(LABELS),) and failures == ["timeout"]
+    assert analysis.answer.probs.shape == (len(LABELS),) and failures == ["timeout"]
     batcher.close()
 
 

@@ -12,7 +12,7 @@ import pytest
 from engine.pipeline import PipelineConfig, analyze
 from engine.prosody import MEASURES, Prosody, measure
 from engine.stress import StressModel, StressScorer, default_model, level_of
-from tests.speech import silence, speech
+from tests.support.speech import silence, speech
 
 pytestmark = pytest.mark.unit
 

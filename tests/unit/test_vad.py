@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.vad import VadGate
-from tests.speech import noise, silence, speech
+from tests.support.speech import noise, silence, speech
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,281 @@
+"""One way to open a session, whatever its source: Socket.IO, a call (Twilio, FreeSWITCH) or a
+file upload.
+
+``open`` validates the id (one rule for every source), claims it — among this process's live and
+recent sessions, then in the store that every node shares — builds one pipeline per analysed
+track, and starts the session's runner. ``analyse_file`` runs a whole file through a runner of
+its own that is never registered or stored, with bulk priority so live streams come first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from engine import SAMPLE_RATE
+from engine.audio import AudioFormat
+from engine.pipeline import FrameResult, StreamPipeline, timeline
+from server.edges.protocol import ProtocolError, describe_id, valid_id
+from server.runtime import ThreadRuntime
+from server.sessions import wire
+from server.sessions.analysis import WindowAnalyser
+from server.sessions.claims import ClaimsUnavailable, RedisClaims
+from server.sessions.events import Ended, Error, Event, Result, Started
+from server.sessions.registry import SessionRegistry
+from server.sessions.runner import FILE, SessionRunner, Track, WindowPolicy
+from server.sessions.session import Session
+from server.settings import Settings
+from server.sinks.metrics import Load
+from server.sinks.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def reader_hash(resume_token: str) -> str:
+    """What the store keeps of a resume token: enough to check it, not to use it."""
+    return hashlib.sha256(resume_token.encode()).hexdigest()
+
+
+RETRY_AFTER_S = 10.0  # a refused client's retry hint: demand is measured over the last 10 s
+
+
+class SessionFactory:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: SessionRegistry,
+        store: Store,
+        analyser: WindowAnalyser,
+        publish: Callable[[Event], None],
+        runtime: ThreadRuntime,
+        model_info: dict[str, Any],
+        load: Callable[[], Load] | None = None,
+        claims: RedisClaims | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._load = load
+        self.claims = claims
+        self.registry = registry
+        self.store = store
+        self.analyser = analyser
+        self.publish = publish
+        self.runtime = runtime
+        self.model_info = model_info
+        self.labels = tuple(model_info["labels"])
+        self.random_weights = bool(model_info.get("random_weights"))
+        self.live = WindowPolicy(latency_budget_s=settings.latency_budget_s)
+        self._clock = clock
+
+    def config(self, fmt: AudioFormat) -> dict[str, Any]:
+        """What a client is told about its session, and what is stored with it."""
+        s = self.settings
+        return {
+            **s.pipeline_config().as_dict(),
+            "sample_rate": fmt.sample_rate,
+            "encoding": fmt.encoding,
+            "channels": fmt.channels,
+            "max_chunk_bytes": s.max_chunk_bytes,
+            "max_realtime_factor": s.max_realtime_factor,
+            "resume_ttl_s": s.resume_ttl_s,
+        }
+
+    def _tracks(
+        self, fmt: AudioFormat, parties: list[str | None], narrowband: bool | None = None
+    ) -> dict[str | None, Track]:
+        config = self.settings.pipeline_config()
+        return {
+            party: Track(
+                party, StreamPipeline(config, fmt, labels=self.labels, narrowband=narrowband)
+            )
+            for party in parties
+        }
+
+    def open(
+        self,
+        *,
+        source: str,
+        fmt: AudioFormat,
+        session_id: str | None = None,
+        parties: list[str | None] | None = None,
+        meta: dict[str, Any] | None = None,
+        owner: str | None = None,
+        client: str = "",
+        connection: Any = None,
+        embeddings: bool = False,
+    ) -> SessionRunner:
+        """A new live session with its runner started. Raises ProtocolError (INVALID_MESSAGE,
+        SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened. ``owner`` and ``connection``
+        are set before the session can be found, so a takeover can never miss them."""
+        self._admit()
+        chosen = session_id is not None
+        if session_id is None:
+            session_id = self.registry.new_id()
+        elif not valid_id(session_id):
+            raise ProtocolError(
+                "INVALID_MESSAGE",
+                f"a session id is 1-128 letters, digits or ._:- (got {describe_id(session_id)})",
+            )
+        self.registry.reserve(session_id)
+        if chosen and self.claims is not None:
+            self._claim_across_nodes(session_id)
+        try:
+            now = self._clock()
+            session = Session(
+                id=session_id,
+                source=source,
+                format=fmt,
+                results_kept=self.settings.results_kept,
+                embeddings=embeddings,
+                meta=dict(meta or {}),
+                owner=owner,
+                client=client,
+                connection=connection,
+                started=now,
+                last_audio=now,
+            )
+            config = self.config(fmt)
+            self._claim(session, config)
+        except BaseException:
+            self.registry.release(session_id)
+            raise
+        runner = SessionRunner(
+            session,
+            self._tracks(fmt, parties or [None]),
+            analyse=self.analyser,
+            publish=self.publish,
+            runtime=self.runtime,
+            policy=self.live,
+            random_weights=self.random_weights,
+            inbox_max_bytes=self.settings.inbox_max_bytes,
+            clock=self._clock,
+            on_done=self.registry.remove,
+        )
+        self.registry.add(runner)
+        self.publish(Started(session, config))
+        self.runtime.spawn(runner.run)
+        log.info(
+            "session started",
+            extra={"session_id": session_id, "source": source, "format": fmt},
+        )
+        return runner
+
+    def _admit(self) -> None:
+        """With ``saturation_policy=refuse``, a saturated server refuses new sessions (OVERLOADED,
+        retry later or elsewhere); with ``shed`` it takes them and every stream thins evenly."""
+        if self.settings.saturation_policy != "refuse" or self._load is None:
+            return
+        load = self._load()
+        if load.saturated:
+            raise ProtocolError(
+                "OVERLOADED",
+                f"the server is saturated (demand {load.demand:.1f} windows/s, capacity "
+                f"{load.capacity:.1f}); retry later or on another node",
+                retry_after_s=RETRY_AFTER_S,
+            )
+
+    def _claim_across_nodes(self, session_id: str) -> None:
+        assert self.claims is not None
+        try:
+            claimed = self.claims.claim(session_id)
+        except ClaimsUnavailable as exc:
+            self.registry.release(session_id)
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                "a chosen session id cannot be checked against the other nodes now "
+                f"({exc}); start without a session_id",
+                session_id,
+            ) from None
+        if not claimed:
+            self.registry.release(session_id)
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                f"session {session_id} exists on a node sharing this message queue; start "
+                "without a session_id for a new one",
+                session_id,
+            )
+
+    def _claim(self, session: Session, config: dict[str, Any]) -> None:
+        """Write the session's row now; an id the store already holds is refused."""
+        row: dict[str, Any] = {
+            "source": session.source,
+            "started_at": session.started_wall,
+            "config": config,
+            "model": self.model_info,
+            "meta": session.meta,
+            "reader_sha256": reader_hash(session.token),
+        }
+        try:
+            claimed = self.runtime.offload(self.store.claim, session.id, **row)
+        except StoreUnavailable:  # live analysis goes on; the row is written when it can be
+            self.store.open_session(session.id, **row)
+            return
+        if not claimed:
+            raise ProtocolError(
+                "SESSION_EXISTS",
+                f"session {session.id} exists in the store; start without a session_id "
+                "for a new one",
+                session.id,
+            )
+
+    def analyse_file(self, blocks: Iterable[np.ndarray], narrowband: bool) -> dict[str, Any]:
+        """The timeline of a mono 16 kHz signal given in blocks (engine.audio.file_blocks:
+        decoded as they are taken, so a file is never whole in memory), analysed as a stream
+        with bulk priority. AudioFormatError from the blocks ends the analysis and is raised."""
+        session = Session(id="file", source="file", format=AudioFormat())
+        frames: list[FrameResult] = []
+        errors: list[Error] = []
+        ended: list[Ended] = []
+        done = threading.Event()
+
+        def collect(event: Event) -> None:
+            if isinstance(event, Result):
+                frames.append(event.frame)
+            elif isinstance(event, Error):
+                errors.append(event)
+            elif isinstance(event, Ended):
+                ended.append(event)
+                done.set()
+
+        tracks = self._tracks(AudioFormat(), [None], narrowband=narrowband)
+        runner = SessionRunner(
+            session,
+            tracks,
+            analyse=self.analyser,
+            publish=collect,
+            runtime=self.runtime,
+            policy=FILE,
+            random_weights=self.random_weights,
+            inbox_max_bytes=self.settings.inbox_max_bytes,
+            clock=self._clock,
+        )
+        self.runtime.spawn(runner.run)
+        step = SAMPLE_RATE  # one second of float32 per push
+        source = iter(blocks)
+        try:
+            while (samples := self.runtime.offload(next, source, None)) is not None:
+                for at in range(0, samples.shape[0], step):
+                    runner.push(None, samples[at : at + step], block=True)
+        finally:
+            runner.end("file analysed")
+            done.wait()
+        if errors and not frames:
+            first = errors[0]
+            raise ProtocolError(
+                first.code if first.code.startswith("INFERENCE") else "INFERENCE_FAILED",
+                first.message,
+            )
+        track = tracks[None]
+        summary = wire.track_summary(
+            track.pipeline.summary_dict(), expired=track.expired, failed=track.failed
+        )
+        out = timeline(self.model_info, self.settings.pipeline_config(), frames, summary)
+        out["errors"] = [{"code": e.code, "message": e.message} for e in errors]
+        return out

@@ -1,0 +1,388 @@
+"""One runner per session, for every source: audio in, results out, in order.
+
+The runner owns the session's inbox, one pipeline per analysed track (a Socket.IO stream has one;
+a call one per party) and the window policy. The edge that feeds it — Socket.IO, Twilio,
+FreeSWITCH, a file upload — only pushes audio and ends it. What the runner produces is published
+as typed events (server/sessions/events.py); subscribers send, store and count them.
+
+Lifecycle: ``push`` (refused once ended, and refused while ``inbox_max_bytes`` wait unread),
+``end(reason)``, after which the worker (``run``, one greenthread) decodes what is still queued,
+finishes every track with its final window, waits for the windows in flight, publishes ``Ended``
+and stops. A failure in one window is reported as an ``Error`` event and the session carries on;
+a failure of the worker itself still ends the session with a summary.
+
+Window policy: every window that comes due is submitted at once, with a deadline — the moment
+its audio arrived plus ``latency_budget_s`` — and its track as the batcher's fairness key. The
+batcher (engine/batcher.py) answers it in time or drops it unanalysed (``expired``): under
+overload every track thins evenly, and no result arrives late. The result that follows says how
+many of its track's windows expired since the previous one, and its hop. File analysis has no
+deadline: it keeps at most ``max_inflight`` windows submitted, waiting for room, so every window
+of a file is analysed. Windows complete in stream order: the stress index of one builds on the
+last.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.audio import RAW_BYTES_PER_SAMPLE
+from engine.batcher import WindowExpired
+from engine.pipeline import StreamPipeline
+from engine.windowing import Window
+from server.runtime import ThreadRuntime
+from server.sessions import wire
+from server.sessions.analysis import Analysis, AnalysisError
+from server.sessions.events import Ended, Error, Event, Result, Skipped, VadChange
+from server.sessions.session import Session
+
+log = logging.getLogger(__name__)
+
+# (samples, *, narrowband, embeddings, priority, deadline, key) -> Analysis; raises WindowExpired
+Analyse = Callable[..., Analysis]
+
+
+class InboxFull(Exception):
+    """The session has ``inbox_max_bytes`` of audio waiting: the sender is ahead of the server."""
+
+
+class SessionClosed(Exception):
+    """Audio for a session that has ended."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowPolicy:
+    priority: str = "live"  # the batcher's priority (engine/batcher.py)
+    latency_budget_s: float | None = 1.5  # a result is due this long after its audio arrived
+    max_inflight: int | None = None  # windows submitted per track at most (None: the deadlines
+    # bound them); beyond, the track waits for room
+
+
+LIVE = WindowPolicy()
+FILE = WindowPolicy(priority="bulk", latency_budget_s=None, max_inflight=4)
+
+
+FEED_MAX_BYTES = 1 << 20  # audio decoded in one go at most: 33 s of 16 kHz PCM16; a burst is
+# taken in slices of this, so one session's catch-up never holds a decode thread for long
+INBOX_ITEM_BYTES = 256  # what one queued chunk costs beyond its audio: the inbox budget counts it
+COALESCE_BYTES = 16_384  # small raw chunks of a track join into pieces of up to this many bytes
+
+
+@dataclass(eq=False, slots=True)
+class _Audio:
+    track: str | None
+    data: bytearray | bytes | np.ndarray  # bytearray: raw whole frames, open to joining
+    received_at: float  # when its first chunk arrived
+
+
+def _size(data: bytes | bytearray | np.ndarray) -> int:
+    return data.nbytes if isinstance(data, np.ndarray) else len(data)
+
+
+@dataclass(eq=False, slots=True)
+class _Slot:
+    window: Window
+    received_at: float
+    analysis: Analysis | None = None
+    error: tuple[str, str] | None = None
+    expired: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Track:
+    """One analysed voice of a session, and its windows on their way through analysis (in
+    stream order). Hashed by identity: the batcher's fairness key."""
+
+    name: str | None
+    pipeline: StreamPipeline
+    inflight: deque[_Slot] = field(default_factory=deque)
+    expired: int = 0
+    expired_since_result: int = 0
+    failed: int = 0
+    last_start_s: float | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.inflight
+
+
+class SessionRunner:
+    def __init__(
+        self,
+        session: Session,
+        tracks: dict[str | None, Track],
+        *,
+        analyse: Analyse,
+        publish: Callable[[Event], None],
+        runtime: ThreadRuntime,
+        policy: WindowPolicy = LIVE,
+        random_weights: bool = False,
+        inbox_max_bytes: int = 4 << 20,
+        feed_max_bytes: int = FEED_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        on_done: Callable[[SessionRunner], None] | None = None,
+    ) -> None:
+        self.session = session
+        self.tracks = tracks
+        self.policy = policy
+        self.random_weights = random_weights
+        self.inbox_max_bytes = inbox_max_bytes
+        self.feed_max_bytes = feed_max_bytes
+        self._analyse = analyse
+        self._publish = publish
+        self._runtime = runtime
+        self._clock = clock
+        self._on_done = on_done or (lambda runner: None)
+        self._inbox: deque[_Audio] = deque()
+        self._inbox_bytes = 0  # audio waiting, plus INBOX_ITEM_BYTES per item
+        self._end_reason: str | None = None  # once end() was called
+        self._cond = threading.Condition()  # guards the inbox and every track's windows
+        fmt = session.format
+        self._frame_bytes = (
+            RAW_BYTES_PER_SAMPLE[fmt.encoding] * fmt.channels
+            if fmt.encoding in RAW_BYTES_PER_SAMPLE
+            else 0
+        )
+        self.done = threading.Event()
+
+    # --- the edge's side -----------------------------------------------------------------------
+
+    def push(
+        self,
+        track: str | None,
+        data: bytes | np.ndarray,
+        *,
+        received_at: float | None = None,
+        block: bool = False,
+    ) -> None:
+        """Queue audio for ``track``: bytes in the session's encoding, or float32 samples at
+        16 kHz. Raises InboxFull (or waits, with ``block``) while the inbox is full. Small
+        whole-frame raw chunks join the previous chunk of their track, so a flood of tiny
+        messages costs no more memory, or decoding, than the audio they hold."""
+        if self.session.ended:
+            raise SessionClosed(f"session {self.session.id} has ended")
+        joinable = isinstance(data, bytes | bytearray) and self._joinable(data)
+        with self._cond:
+            last = self._inbox[-1] if self._inbox else None
+            joins = (
+                joinable
+                and last is not None
+                and last.track == track
+                and isinstance(last.data, bytearray)
+                and len(last.data) + len(data) <= COALESCE_BYTES
+            )
+            cost = len(data) if joins else _size(data) + INBOX_ITEM_BYTES
+            while self._inbox_bytes and self._inbox_bytes + cost > self.inbox_max_bytes:
+                if not block:
+                    raise InboxFull(f"{self._inbox_bytes} bytes of audio wait to be decoded")
+                self._cond.wait()
+                joins = joins and bool(self._inbox) and self._inbox[-1] is last
+                cost = len(data) if joins else _size(data) + INBOX_ITEM_BYTES
+            if joins:
+                assert last is not None and isinstance(last.data, bytearray)
+                assert isinstance(data, bytes | bytearray)
+                last.data += data
+            else:
+                now = self._clock() if received_at is None else received_at
+                item = bytearray(data) if joinable else data
+                self._inbox.append(_Audio(track, item, now))
+            self._inbox_bytes += cost
+            self._cond.notify_all()
+
+    def _joinable(self, data: bytes | bytearray) -> bool:
+        return bool(self._frame_bytes) and len(data) % self._frame_bytes == 0
+
+    def end(self, reason: str) -> None:
+        """No more audio: analyse what is queued, then publish the summary. Idempotent."""
+        if not self.session.ended:
+            self.session.ended = True
+            with self._cond:
+                self._end_reason = reason
+                self._cond.notify_all()
+
+    # --- the worker --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        reason = "internal error"
+        ended = False
+        try:
+            while True:
+                items, finish = self._take()
+                self._feed(items)
+                if finish is not None:
+                    reason = finish
+                    break
+            self._finish(reason)
+            ended = True
+        except Exception:
+            log.exception("session runner failed", extra={"session_id": self.session.id})
+        finally:
+            self.session.ended = True
+            if not ended:  # never leave a client waiting for a summary
+                summary = wire.summary(self.session, reason, {}, self.random_weights)
+                self._publish(Ended(self.session, reason, summary))
+            self.done.set()
+            self._on_done(self)
+
+    def _take(self) -> tuple[list[_Audio], str | None]:
+        """Everything already queued (one decode per track rather than one per chunk), up to
+        ``feed_max_bytes``; and the end reason once the inbox is empty and the end was asked."""
+        items: list[_Audio] = []
+        taken = 0
+        with self._cond:
+            while not self._inbox and self._end_reason is None:
+                self._cond.wait()
+            while self._inbox and (not items or taken < self.feed_max_bytes):
+                item = self._inbox.popleft()
+                items.append(item)
+                taken += _size(item.data)
+                self._inbox_bytes -= _size(item.data) + INBOX_ITEM_BYTES
+            finish = self._end_reason if not self._inbox else None
+            self._cond.notify_all()
+        return items, finish
+
+    def _feed(self, items: list[_Audio]) -> None:
+        per_track: dict[str | None, list[_Audio]] = {}
+        for item in items:
+            per_track.setdefault(item.track, []).append(item)
+        for name, parts in per_track.items():
+            self._feed_track(self.tracks[name], parts)
+
+    def _feed_track(self, track: Track, parts: list[_Audio]) -> None:
+        received_at = parts[0].received_at  # latency counts from the first chunk: never understated
+        data = [bytes(p.data) if isinstance(p.data, bytearray) else p.data for p in parts]
+        pipeline = track.pipeline
+        try:
+            if isinstance(data[0], np.ndarray):
+                fed, errors = self._runtime.offload(pipeline.feed_samples, np.concatenate(data)), []
+            else:
+                fed, errors = self._runtime.offload(pipeline.feed_chunks, data)
+        except Exception as exc:
+            log.exception("feeding audio failed", extra={"session_id": self.session.id})
+            self._publish(Error(self.session, "INVALID_AUDIO", f"could not process audio: {exc}"))
+            return
+        for bad in errors:
+            self._publish(Error(self.session, bad.code, str(bad)))
+        self._after_feed(track, fed, received_at)
+
+    def _after_feed(self, track: Track, fed: Any, received_at: float) -> None:
+        for change in fed.vad_events:
+            payload = wire.vad(self.session.id, track.name, change.speech, change.at_s)
+            self._publish(VadChange(self.session, payload))
+        if fed.skipped_silence:
+            self._publish(Skipped(self.session, track.name, "silence", fed.skipped_silence))
+        for window in fed.windows:
+            self._due(track, window, received_at)
+
+    def _finish(self, reason: str) -> None:
+        self._wait_idle()
+        for track in self.tracks.values():
+            try:
+                fed = self._runtime.offload(track.pipeline.finish)
+            except Exception:
+                log.exception("finishing a track failed", extra={"session_id": self.session.id})
+                continue
+            self._after_feed(track, fed, self._clock())
+        self._wait_idle()
+        tracks = {
+            name: wire.track_summary(t.pipeline.summary_dict(), expired=t.expired, failed=t.failed)
+            for name, t in self.tracks.items()
+        }
+        summary = wire.summary(self.session, reason, tracks, self.random_weights)
+        self._publish(Ended(self.session, reason, summary))
+
+    def _wait_idle(self) -> None:
+        with self._cond:
+            while not all(t.idle for t in self.tracks.values()):
+                self._cond.wait()
+
+    # --- the window policy -------------------------------------------------------------------
+
+    def _due(self, track: Track, window: Window, received_at: float) -> None:
+        slot = _Slot(window, received_at)
+        with self._cond:
+            limit = self.policy.max_inflight
+            while limit is not None and len(track.inflight) >= limit:
+                self._cond.wait()
+            track.inflight.append(slot)
+        self._runtime.spawn(self._analyse_slot, track, slot)
+
+    def _analyse_slot(self, track: Track, slot: _Slot) -> None:
+        budget = self.policy.latency_budget_s
+        try:
+            slot.analysis = self._analyse(
+                slot.window.samples,
+                narrowband=track.pipeline.narrowband,
+                embeddings=self.session.embeddings,
+                priority=self.policy.priority,
+                deadline=None if budget is None else slot.received_at + budget,
+                key=track,
+            )
+        except WindowExpired:
+            slot.expired = True
+        except AnalysisError as exc:
+            slot.error = (exc.code, exc.message)
+        except Exception as exc:
+            log.exception("analysing a window failed", extra={"session_id": self.session.id})
+            slot.error = ("INFERENCE_FAILED", f"could not analyse the window: {exc}")
+        with self._cond:
+            slot.done = True
+            self._complete_ready(track)
+            self._cond.notify_all()
+
+    def _complete_ready(self, track: Track) -> None:
+        """Turn finished windows into results, in stream order."""
+        while track.inflight and track.inflight[0].done:
+            slot = track.inflight.popleft()
+            if slot.expired:
+                track.expired += 1
+                track.expired_since_result += 1
+                self._publish(Skipped(self.session, track.name, "expired", 1))
+            elif slot.error is None:
+                self._complete(track, slot)
+            else:
+                track.failed += 1
+                self._publish(Error(self.session, *slot.error))
+            slot.window.samples = _NO_SAMPLES  # the audio is not needed any more
+
+    def _complete(self, track: Track, slot: _Slot) -> None:
+        a = slot.analysis
+        assert a is not None
+        try:
+            frame = track.pipeline.complete(
+                slot.window, a.answer, a.prosody, prosody_missing=a.prosody_missing
+            )
+        except Exception as exc:
+            log.exception("scoring a window failed", extra={"session_id": self.session.id})
+            track.failed += 1
+            self._publish(Error(self.session, "INFERENCE_FAILED", f"could not score: {exc}"))
+            return
+        hop_s = None if track.last_start_s is None else frame.start_s - track.last_start_s
+        track.last_start_s = frame.start_s
+        session = self.session
+        latency_ms = (self._clock() - slot.received_at) * 1000
+        result = session.record(
+            lambda seq: wire.result(
+                session.id,
+                seq,
+                frame,
+                track=track.name,
+                latency_ms=latency_ms,
+                hop_s=hop_s,
+                expired=track.expired_since_result,
+                random_weights=self.random_weights,
+            )
+        )
+        track.expired_since_result = 0
+        self._publish(Result(session, track.name, result, slot.received_at, frame))
+
+
+_NO_SAMPLES = np.zeros(0, dtype=np.float32)

@@ -1,0 +1,152 @@
+"""What goes over the wire and into storage: results, summaries, VAD changes, errors, session
+states and the CSV export, each built in one function here.
+
+A window's own fields come from the engine (``FrameResult.as_dict``); the server adds who and when
+(session, seq, track, latency, the hop since the track's previous result). The store keeps each
+result exactly as it was sent, so adding a field touches this module (or the engine's
+``FrameResult``) and its test, nothing else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING, Any
+
+from engine.pipeline import FrameResult, Summary
+
+if TYPE_CHECKING:
+    from server.sessions.session import Session
+
+
+def result(
+    session_id: str,
+    seq: int,
+    frame: FrameResult,
+    *,
+    track: str | None,
+    latency_ms: float,
+    hop_s: float | None,
+    expired: int = 0,
+    random_weights: bool,
+) -> dict[str, Any]:
+    """One analysed window. ``hop_s``: seconds since the previous result of the same track
+    started (None for the first); more than the configured hop means results were thinned.
+    ``expired``: the track's windows dropped unanalysed since its previous result, because they
+    could not be answered within the latency budget."""
+    out: dict[str, Any] = {"session_id": session_id, "seq": seq, **frame.as_dict()}
+    out["latency_ms"] = round(latency_ms, 1)
+    out["hop_s"] = None if hop_s is None else round(hop_s, 3)
+    out["expired"] = expired
+    if track:
+        out["track"] = track
+    if random_weights:
+        out["random_weights"] = True
+    return out
+
+
+def track_summary(pipeline_summary: dict[str, Any], *, expired: int, failed: int) -> dict:
+    return {**pipeline_summary, "expired": expired, "failed": failed}
+
+
+def summary(
+    session: Session, reason: str, tracks: dict[str | None, dict[str, Any]], random_weights: bool
+) -> dict[str, Any]:
+    """A session's totals; one track's fields at the top level, several under ``tracks``."""
+    out: dict[str, Any] = {
+        "session_id": session.id,
+        "reason": reason,
+        "results": session.seq,
+        "audio_received_s": round(session.audio_s, 3),
+        "random_weights": random_weights,
+    }
+    if list(tracks) == [None]:
+        out.update(tracks[None])
+    else:
+        out["tracks"] = {name or "main": t for name, t in tracks.items()}
+    return out
+
+
+def summary_of_stored(stored: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A summary rebuilt from a stored timeline (a session its server never closed)."""
+    frames = stored["frames"]
+    labels = tuple(stored.get("model", {}).get("labels") or (frames[0]["scores"] if frames else ()))
+    per_track: dict[str | None, Summary] = {}
+    for f in frames:
+        summary_ = per_track.setdefault(f.get("track"), Summary(labels))
+        summary_.add_values(
+            f["scores"], f["emotion"], f["stress"]["index"], f["start_s"], f["end_s"]
+        )
+    tracks = {name: t.as_dict() for name, t in per_track.items()} or {
+        None: Summary(labels).as_dict()
+    }
+    out: dict[str, Any] = {
+        "session_id": stored["session_id"],
+        "reason": reason,
+        "results": len(frames),
+        "random_weights": bool(stored.get("model", {}).get("random_weights")),
+    }
+    if list(tracks) == [None]:
+        out.update(tracks[None])
+    else:
+        out["tracks"] = {name or "main": t for name, t in tracks.items()}
+    return out
+
+
+def vad(session_id: str, track: str | None, speech: bool, at_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"session_id": session_id, "speech": speech, "at_s": round(at_s, 3)}
+    if track:
+        out["track"] = track
+    return out
+
+
+def error(code: str, message: str, session_id: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": code, "message": message}
+    if session_id:
+        out["session_id"] = session_id
+    return out
+
+
+def session_state(session: Session) -> dict[str, Any]:
+    """What the monitor shows of a session."""
+    return {
+        "session_id": session.id,
+        "source": session.source,
+        "connected": session.connected,
+        "started_at": session.started_wall,
+        "audio_s": round(session.audio_s, 1),
+        "results": session.seq,
+        "meta": session.meta,
+        "last": session.results[-1] if session.results else None,
+    }
+
+
+CSV_COLUMNS = (
+    ("seq", lambda f: f.get("seq")),
+    ("track", lambda f: f.get("track", "")),
+    ("start_s", lambda f: f["start_s"]),
+    ("end_s", lambda f: f["end_s"]),
+    ("emotion", lambda f: f["emotion"]),
+    ("confidence", lambda f: f["confidence"]),
+    ("stress_index", lambda f: f["stress"]["index"]),
+    ("stress_level", lambda f: f["stress"]["level"]),
+    ("stress_confidence", lambda f: f["stress"]["confidence"]),
+    ("speech_ratio", lambda f: f["speech_ratio"]),
+    ("device", lambda f: f["device"]),
+)
+
+
+def timeline_csv(timeline: dict[str, Any]) -> str:
+    """A stored timeline as CSV: one row per result, one column per emotion label."""
+    frames = timeline["frames"]
+    labels = list(
+        timeline.get("model", {}).get("labels") or (frames[0]["scores"] if frames else [])
+    )
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([name for name, _ in CSV_COLUMNS] + labels)
+    for f in frames:
+        writer.writerow(
+            [get(f) for _, get in CSV_COLUMNS] + [f["scores"].get(k, "") for k in labels]
+        )
+    return out.getvalue()
