@@ -30,6 +30,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 POOL_SPARE = 16  # greenthreads beyond max_connections, so eventlet's pool never blocks accept
+# The kernel's queue of connections not yet accepted: a burst beyond it has its handshakes
+# dropped and retried a second later, a stall for a healthy client too (eventlet's default is 50).
+LISTEN_BACKLOG = 1024
 REFUSE_WRITE_S = 1.0  # how long a refusal gets to be written before the socket is closed
 REFUSALS = (
     "full",
@@ -155,7 +158,9 @@ def serve(
 
     counts = ConnectionCounts(limits)
     family = socket.getaddrinfo(host, port)[0][0]
-    listening = eventlet.listen((host, port), family)
+    listening = eventlet.listen(
+        (host, port), family, backlog=max(LISTEN_BACKLOG, limits.max_connections + POOL_SPARE)
+    )
     eventlet.wsgi.server(
         _GuardedSocket(listening, counts, on_refused),
         app,
