@@ -60,6 +60,7 @@ class App:
     service: Service
     factory: SessionFactory
     bus: EventBus
+    telephony: TelephonyEdge
 
     def end_all(self, reason: str, timeout_s: float = 5.0) -> None:
         """End every session (their summaries are stored) and wait for them, up to a limit."""
@@ -167,17 +168,15 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     )
     socketio.on_namespace(namespace)
     MessageLimiter(socketio.server, settings.max_messages_per_s, metrics, service.clock).install()
-    telephony.register(
-        flask,
-        TelephonyEdge(
-            settings,
-            factory=factory,
-            registry=service.registry,
-            metrics=metrics,
-            runtime=runtime,
-            clock=service.clock,
-        ),
+    calls = TelephonyEdge(
+        settings,
+        factory=factory,
+        registry=service.registry,
+        metrics=metrics,
+        runtime=runtime,
+        clock=service.clock,
     )
+    telephony.register(flask, calls)
     api.register_error_handlers(flask, service)
     flask.register_blueprint(api.blueprint(service, factory))
 
@@ -235,7 +234,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     runtime.spawn(housekeeping)
     runtime.spawn(retention)
     runtime.spawn(watch_hub)
-    return App(flask, socketio, service, factory, bus)
+    return App(flask, socketio, service, factory, bus, calls)
 
 
 def _thread_exception(args: threading.ExceptHookArgs) -> None:
@@ -280,6 +279,15 @@ def serve(
     # on the hub's thread, stalling every client. Freezing them keeps collections to what is new.
     gc.collect()
     gc.freeze()
+    if settings.audiosocket_port:
+        audiosocket = telephony.listen_audiosocket(
+            settings.audiosocket_host, settings.audiosocket_port
+        )
+        runtime.spawn(app.telephony.serve_audiosocket, audiosocket)
+        log.info(
+            "AudioSocket listening (no authentication: keep it private)",
+            extra={"address": f"{settings.audiosocket_host}:{settings.audiosocket_port}"},
+        )
     log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
     listener.serve(
         app.flask,

@@ -8,6 +8,8 @@ deeper in the code reads the environment.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import dataclasses
 import math
 import os
@@ -259,6 +261,28 @@ class Settings:
     telephony_max_frame_bytes: int = field(
         default=65_536, metadata={"help": "largest telephony media frame or payload"}
     )
+    twilio_auth_token: str = field(
+        default="",
+        metadata={
+            "help": "Twilio account auth token: /telephony/twilio then requires a valid "
+            "X-Twilio-Signature (and no token)"
+        },
+    )
+    audiohook_client_secret: str = field(
+        default="",
+        metadata={
+            "help": "the AudioHook integration's client secret (base64): /telephony/audiohook "
+            "then requires its request signature"
+        },
+    )
+    audiosocket_port: int = field(
+        default=0,
+        metadata={"help": "TCP port for Asterisk AudioSocket; 0 = off (it has no authentication)"},
+    )
+    audiosocket_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "interface for AudioSocket: keep it private (see README, Asterisk)"},
+    )
     # storage and ops
     db: str = field(
         default="voxaffect.db",
@@ -360,6 +384,15 @@ class Settings:
         bad = set(self.telephony_tracks) - {"customer", "agent"}
         if bad:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
+        if not 0 <= self.audiosocket_port <= 65535:
+            raise ValueError(f"audiosocket_port must be 0-65535, got {self.audiosocket_port}")
+        if self.audiohook_client_secret:
+            try:
+                base64.b64decode(self.audiohook_client_secret, validate=True)
+            except (ValueError, binascii.Error):
+                raise ValueError(
+                    "audiohook_client_secret must be base64, as Genesys shows it"
+                ) from None
         if self.hash_caller_ids and len(self.caller_id_key) < 16:
             raise ValueError("hash_caller_ids needs caller_id_key: a secret of 16+ characters")
         if self.alert_webhook and len(self.alert_webhook_secret) < 16:
@@ -414,6 +447,8 @@ class Settings:
         out["caller_id_key"] = bool(self.caller_id_key)
         out["alert_webhook"] = len(self.alert_webhook)  # URLs may carry tokens
         out["alert_webhook_secret"] = bool(self.alert_webhook_secret)
+        out["twilio_auth_token"] = bool(self.twilio_auth_token)
+        out["audiohook_client_secret"] = bool(self.audiohook_client_secret)
         out.pop("message_queue")
         out["db"] = redacted(database_url(self.db)) if "://" in self.db else self.db
         return out

@@ -31,14 +31,14 @@ Result = dict[str, Any]  # a result as it goes over the wire (server/sessions/wi
 @dataclass(eq=False)
 class Session:
     id: str
-    source: str  # socketio, twilio, audiofork (or file, never registered)
+    source: str  # socketio, a telephony protocol (twilio, audiohook, …), or file (unregistered)
     format: AudioFormat
     results_kept: int = 600
     embeddings: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
     owner: str | None = None  # the Socket.IO sid that may send and receive
     client: str = ""  # the address that started it (behind trusted proxies: the forwarded one)
-    connection: Any = None  # a call's current media connection
+    connection: Any = None  # a call's current media connection (calls.CallStream)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
@@ -52,6 +52,7 @@ class Session:
     def __post_init__(self) -> None:
         self.results: deque[Result] = deque(maxlen=self.results_kept)
         self._lock = threading.Lock()
+        self.summarised = threading.Event()  # the summary is stored and sent to the room
 
     # --- results -------------------------------------------------------------------------------
 

@@ -53,6 +53,9 @@ class RoomPublisher:
         room = session.room
         if isinstance(event, Result):  # ordered with a resuming client's catch-up
             session.publish(event.result, lambda r: self._emit("emotion_result", r, to=room))
+            call = session.connection  # a call's media connection may want results back
+            if call is not None:
+                call.result(event.result)
         elif isinstance(event, VadChange):
             self._emit("vad", event.payload, to=room)
         elif isinstance(event, Error):
@@ -60,6 +63,7 @@ class RoomPublisher:
         elif isinstance(event, Ended):
             self._emit("session_summary", event.summary, to=room)
             self._close_room(room)  # nobody hears a later session that reuses nothing of it
+            session.summarised.set()
 
 
 class MonitorPublisher:

@@ -25,17 +25,12 @@ from server.edges.protocol import (
     parse_chunk,
     parse_start,
 )
-from server.edges.telephony.calls import (
-    MAX_GAP_FILL_S,
-    TWILIO_CHUNK_S,
-    Fault,
-    Reorderer,
-    parse_fork_metadata,
-    parse_fork_start,
-    parse_twilio_event,
-    parse_twilio_media,
-    parse_twilio_start,
-)
+from server.edges.telephony import audiosocket, twilio
+from server.edges.telephony.audiofork import AudioForkParser
+from server.edges.telephony.audiohook import AudioHookParser
+from server.edges.telephony.base import Audio, Fault, Gap, Note, Start, Stop
+from server.edges.telephony.jambonz import JambonzParser
+from server.edges.telephony.twilio import CHUNK_S, MAX_GAP_FILL_S, Reorderer, TwilioParser
 
 pytestmark = pytest.mark.unit
 FUZZ = settings(
@@ -45,7 +40,10 @@ FUZZ = settings(
     derandomize=True,  # the same examples on every run and every machine
 )
 FAULT_KINDS = {"binary_frame", "bad_json", "bad_start", "bad_payload", "oversized", "bad_chunk"}
-FAULT_KINDS |= {"bad_metadata"}
+FAULT_KINDS |= {"bad_metadata", "second_start", "unknown_event", "media_before_start"}
+FAULT_KINDS |= {"late_chunk", "chunk_gap", "text_frame", "bad_message", "seq_gap", "no_media"}
+FAULT_KINDS |= {"unknown_message", "audio_out_of_turn", "client_error", "bad_frame", "bad_uuid"}
+FAULT_KINDS |= {"unsupported_rate", "unknown_frame", "audio_before_uuid", "rate_change"}
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40)
 json_values = st.recursive(
@@ -225,13 +223,13 @@ def twilio_messages() -> st.SearchStrategy[str | bytes]:
 @given(twilio_messages())
 def test_twilio_messages_parse_or_fault(message):
     try:
-        event, data = parse_twilio_event(message)
+        event, data = twilio.parse_event(message)
         if event == "start":
-            start = parse_twilio_start(data)
+            start = twilio.parse_start(data)
             assert start.fmt.sample_rate in range(8000, 48001) and len(start.parties) <= 4
             assert "token" not in start.meta["custom"]
         elif event == "media":
-            media = parse_twilio_media(data, max_bytes=320)
+            media = twilio.parse_media(data, max_bytes=320)
             assert 0 < len(media.payload) <= 320 and media.chunk >= 0
     except Fault as fault:
         assert fault.kind in FAULT_KINDS
@@ -247,11 +245,118 @@ def test_twilio_messages_parse_or_fault(message):
 )
 def test_audio_fork_metadata_parses_or_faults(first, args):
     try:
-        fork = parse_fork_start(parse_fork_metadata(first), args)
+        messages = AudioForkParser(args=args).feed(first)
     except Fault as fault:
-        assert fault.kind == "bad_metadata"
+        assert fault.kind == "bad_metadata" and fault.fatal
         return
-    assert fork.mix in ("mono", "mixed", "stereo") and 1 <= len(fork.parties) <= 2
+    (start,) = [m for m in messages if isinstance(m, Start)]
+    assert start.meta["mix"] in ("mono", "mixed", "stereo") and 1 <= len(start.parties) <= 2
+
+
+def audiohook_frames() -> st.SearchStrategy[str | bytes]:
+    """AudioHook client messages near the protocol (right and wrong seq, types, parameters)."""
+    media = st.fixed_dictionaries(
+        {
+            "type": st.just("audio") | json_scalars,
+            "format": st.sampled_from(["PCMU", "L16", "opus"]) | json_scalars,
+            "channels": st.lists(st.sampled_from(["external", "internal", "x"]), max_size=3)
+            | json_values,
+            "rate": st.sampled_from([8000, 16000]) | json_scalars,
+        }
+    )
+    params = st.fixed_dictionaries(
+        {},
+        optional={
+            "media": st.lists(media, max_size=3) | json_values,
+            "discarded": st.sampled_from(["PT0.5S", "PT2S", "PT99999999S", "P1D", "PT"])
+            | json_scalars,
+            "customConfig": json_values,
+            "reason": st.sampled_from(["end", "error"]) | json_scalars,
+        },
+    )
+    kinds = ["open", "ping", "paused", "resumed", "discarded", "update", "error", "close", "x"]
+    message = st.fixed_dictionaries(
+        {
+            "version": st.just("2") | json_scalars,
+            "id": st.just("s-1") | json_scalars,
+            "type": st.sampled_from(kinds) | json_scalars,
+            "seq": st.integers(min_value=-1, max_value=12) | json_scalars,
+            "serverseq": st.integers(min_value=0, max_value=3) | json_scalars,
+            "position": st.just("PT1S"),
+            "parameters": params | json_values,
+        }
+    )
+    return message.map(json.dumps) | st.binary(max_size=400) | st.text(max_size=80)
+
+
+def jambonz_frames() -> st.SearchStrategy[str | bytes]:
+    meta = st.fixed_dictionaries(
+        {},
+        optional={
+            "callSid": st.text(max_size=20) | json_values,
+            "sampleRate": rates | json_values,
+            "mixType": st.sampled_from(["mono", "stereo", "mixed", "x"]) | json_values,
+            "metadata": json_values,
+        },
+    )
+    dtmf = st.fixed_dictionaries({"event": st.just("dtmf"), "dtmf": st.text(max_size=2)})
+    return (meta | dtmf).map(json.dumps) | st.binary(max_size=400) | st.text(max_size=80)
+
+
+def audiosocket_frames() -> st.SearchStrategy[bytes]:
+    kinds = st.sampled_from([0x00, 0x01, 0x03, 0x10, 0x12, 0x16, 0x17, 0x18, 0xFF, 0x42])
+    framed = st.tuples(kinds, st.binary(max_size=320)).map(lambda kp: audiosocket.frame(*kp))
+    return framed | st.binary(max_size=40)
+
+
+def twilio_stream() -> st.SearchStrategy[str | bytes]:
+    return twilio_messages()
+
+
+PARSERS = {
+    "twilio": (lambda: TwilioParser(320, clock=lambda: 0.0), twilio_stream),
+    "audiofork": (lambda: AudioForkParser(320), jambonz_frames),
+    "jambonz": (lambda: JambonzParser(320), jambonz_frames),
+    "audiohook": (lambda: AudioHookParser(320, session_id="s-1"), audiohook_frames),
+    "audiosocket": (lambda: audiosocket.AudioSocketParser(320), audiosocket_frames),
+}
+
+
+@pytest.mark.parametrize("protocol", sorted(PARSERS))
+@FUZZ
+@given(data=st.data())
+def test_every_parser_gives_typed_messages_or_a_counted_fault(protocol, data):
+    make, frames = PARSERS[protocol]
+    parser = make()
+    starts = 0
+    for frame in data.draw(st.lists(frames(), max_size=12)):
+        try:
+            messages = parser.feed(frame)
+        except Fault as fault:
+            assert fault.kind in FAULT_KINDS
+            if fault.fatal:
+                return  # the loop closes the connection
+            continue
+        for m in messages:
+            assert isinstance(m, Start | Audio | Gap | Note | Stop | Fault)
+            if isinstance(m, Fault):
+                assert m.kind in FAULT_KINDS
+            if isinstance(m, Start):
+                starts += 1
+                assert 8000 <= m.fmt.sample_rate <= 48000 and 1 <= len(m.parties) <= 4
+                named = set(m.parties) <= {"customer", "agent", "mixed"}
+                assert named or protocol == "twilio"  # Twilio names its own tracks
+                for answer in m.answer:
+                    parser.encode(answer)
+            if isinstance(m, Audio):
+                # as much audio as the frame held: a frame never grows into more
+                assert 0 < len(m.data) <= max(len(frame), 320)
+            if isinstance(m, Gap):
+                assert m.seconds >= 0
+            if isinstance(m, Note):
+                for answer in m.answer:
+                    assert json.loads(parser.encode(answer))["version"] == "2"
+    assert starts <= 1
 
 
 @FUZZ
@@ -269,7 +374,7 @@ def test_the_reorder_buffer_holds_little_and_fills_no_more_silence_than_time_pas
     now = [0.0]
     faults: list[str] = []
     window = 5
-    reorder = Reorderer(window, lambda kind, detail: faults.append(kind), clock=lambda: now[0])
+    reorder = Reorderer(window, clock=lambda: now[0])
     given_bytes = out_bytes = 0
     elapsed = 0.0
     for chunk, size, dt in pushes:
@@ -277,14 +382,13 @@ def test_the_reorder_buffer_holds_little_and_fills_no_more_silence_than_time_pas
         elapsed += dt
         given_bytes += size
         out_bytes += sum(len(p) for p in reorder.push(chunk, b"\x01" * size))
+        faults += [f.kind for f in reorder.faults]
+        reorder.faults.clear()
         assert len(reorder.pending) <= window + 1
     silence = out_bytes - given_bytes
     jumps = faults.count("chunk_gap")
     # stale gaps: at most `window` chunks a push; jumps: at most the time that passed, capped
-    bound = 160 * (
-        window * len(pushes)
-        + min(elapsed / TWILIO_CHUNK_S, jumps * MAX_GAP_FILL_S / TWILIO_CHUNK_S)
-    )
+    bound = 160 * (window * len(pushes) + min(elapsed / CHUNK_S, jumps * MAX_GAP_FILL_S / CHUNK_S))
     assert silence <= bound + 160 * jumps
 
 

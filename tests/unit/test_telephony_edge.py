@@ -12,7 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from simple_websocket import ConnectionClosed
 
+from server.edges.telephony.base import SILENCE
 from server.edges.telephony.calls import TelephonyEdge
+from server.edges.telephony.twilio import Reorderer
 from server.runtime import ThreadRuntime
 from server.sessions.events import Result, Started
 from server.sessions.factory import SessionFactory
@@ -108,7 +110,7 @@ class World:
         ws = ScriptedSocket()
 
         def run() -> None:
-            self.edge.twilio(ws, token_pending=False)
+            self.edge.serve(ws, "twilio")
             ws.done.set()
 
         threading.Thread(target=run, daemon=True).start()
@@ -198,31 +200,26 @@ def test_a_takeover_while_the_first_connection_is_still_opening_the_call_is_a_ta
 
 
 def test_reorderer_releases_in_chunk_order_and_fills_stale_gaps():
-    from server.edges.telephony.calls import MULAW_SILENCE, Reorderer
-
-    faults: list[str] = []
-    r = Reorderer(3, lambda kind, detail: faults.append(kind), clock=lambda: 0.0)
+    r = Reorderer(3, clock=lambda: 0.0)
+    faults = lambda: [f.kind for f in r.faults]  # noqa: E731
     assert r.push(2, b"b") == []
     assert r.push(1, b"a") == [b"a", b"b"]
-    assert r.push(1, b"a") == [] and faults == ["late_chunk"]  # duplicate
+    assert r.push(1, b"a") == [] and faults() == ["late_chunk"]  # duplicate
     assert r.push(5, b"e") == []
-    assert r.push(6, b"f") == [MULAW_SILENCE]  # three later chunks are here: 3 is given up
-    assert r.push(7, b"g") == [MULAW_SILENCE, b"e", b"f", b"g"]  # and then 4
+    assert r.push(6, b"f") == [SILENCE["mulaw"]]  # three later chunks are here: 3 is given up
+    assert r.push(7, b"g") == [SILENCE["mulaw"], b"e", b"f", b"g"]  # and then 4
     assert r.filled == 2
-    assert r.push(3, b"c") == [] and faults == ["late_chunk"] * 2  # too late: filled
+    assert r.push(3, b"c") == [] and faults() == ["late_chunk"] * 2  # too late: filled
 
 
 def test_a_chunk_far_ahead_is_a_fault_and_its_silence_is_bounded_by_real_time():
-    from server.edges.telephony.calls import MULAW_SILENCE, Reorderer
-
     now = [0.0]
-    faults: list[str] = []
-    r = Reorderer(5, lambda kind, detail: faults.append(kind), clock=lambda: now[0])
+    r = Reorderer(5, clock=lambda: now[0])
     assert r.push(1, b"a" * 160) == [b"a" * 160]
     now[0] = 0.1  # 100 ms later, a chunk a billion ahead
     out = r.push(1_000_000_001, b"b" * 160)
-    assert faults == ["chunk_gap"]
-    assert out == [MULAW_SILENCE * 160 * 5, b"b" * 160]  # 5 chunks = the 100 ms that passed
+    assert [f.kind for f in r.faults] == ["chunk_gap"]
+    assert out == [SILENCE["mulaw"] * 160 * 5, b"b" * 160]  # 5 chunks = the 100 ms that passed
     now[0] = 3600.0  # an hour of silence, then a jump: at most MAX_GAP_FILL_S of it
     out = r.push(2_000_000_000, b"c" * 160)
     assert len(out[0]) == 160 * 500 and out[1] == b"c" * 160
