@@ -248,7 +248,7 @@ class AudioHookParser(Parser):
         return [{"type": "disconnect", "parameters": {"reason": why, "info": detail[:200]}}]
 
     def result(self, result: dict[str, Any]) -> Any:
-        if not self.events or self.state not in ("open", "paused"):
+        if not self.events or self.state == "connecting":  # (until closed: the last windows)
             return None
         data = {k: v for k, v in result.items() if k != "session_id"}
         entity = {"type": EVENT_ENTITY, "data": data}
