@@ -9,7 +9,9 @@ TORCH ?= torch==2.13.0
 MODEL ?= iic/emotion2vec_plus_large
 PYTEST_ARGS ?=
 
-.PHONY: setup system run demo test test-image lint bench clean
+K8S_VALIDATE := deploy/kubernetes/validate
+
+.PHONY: setup system node run demo test test-image lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+node: $(K8S_VALIDATE)/node_modules/.package-lock.json  ## Node packages the tests use, from the lockfile
+
+$(K8S_VALIDATE)/node_modules/.package-lock.json: $(K8S_VALIDATE)/package-lock.json
+	cd $(K8S_VALIDATE) && npm ci --no-audit --no-fund --loglevel=error
 
 system:  ## OS packages the tests use (espeak-ng, sox, chromium, prometheus, redis); needs root
 	scripts/setup-system.sh
@@ -35,7 +42,7 @@ lint: setup
 	$(BIN)/ruff format --check engine server client tests bench
 	$(BIN)/mypy
 
-test: system setup lint  ## every tier but the image install check, two workers (a file stays on one)
+test: system setup node lint  ## every tier but the image install check, two workers (a file stays on one)
 	$(BIN)/python -m pytest -m "not image" -n 2 --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 test-image: setup  ## the Dockerfile's install steps in a fresh venv (2 min; CI: when they change)
@@ -46,4 +53,4 @@ bench: setup  ## not part of CI: full-size random checkpoint, then the engine be
 	$(BIN)/python -m bench.engine --model models/large
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(K8S_VALIDATE)/node_modules

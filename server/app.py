@@ -152,6 +152,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         runtime=runtime,
         model_info=service.model_info,
         load=service.current_load,
+        draining=lambda: service.draining,
         claims=claims,
         clock=service.clock,
     )
@@ -268,10 +269,27 @@ def serve(
         logging.shutdown()
         os._exit(0)  # the WSGI loop has no clean way out from a background task
 
+    def drain() -> None:
+        """Not ready, new sessions refused (DRAINING); exit once the running sessions have
+        ended, or after ``drain_timeout_s`` (the rest end as "server stopping")."""
+        service.drain()
+        deadline = time.monotonic() + settings.drain_timeout_s
+        log.info(
+            "draining: new sessions go elsewhere, running ones carry on (signal again to stop now)",
+            extra={"sessions": len(service.registry), "timeout_s": settings.drain_timeout_s},
+        )
+        while len(service.registry) and time.monotonic() < deadline:
+            runtime.sleep(0.2)
+        shutdown()
+
     def stop(signum: int, _: Any) -> None:
         # Signal handlers run inside the hub's own loop, which must not block: hand over.
-        log.info("stopping: ending sessions", extra={"signal": signum})
-        runtime.spawn(shutdown)
+        if service.draining:  # a second signal: stop now
+            log.info("stopping now: ending sessions", extra={"signal": signum})
+            runtime.spawn(shutdown)
+            return
+        service.draining = True
+        runtime.spawn(drain)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

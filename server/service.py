@@ -125,6 +125,7 @@ class Service:
         self.store.start()
         self.registry = SessionRegistry(settings.max_sessions, clock=clock)
         self.ready = True
+        self.draining = False  # SIGTERM: new sessions go elsewhere, running ones carry on
         self.metrics.ready.set(1)
         if model.device.startswith("cuda"):
             self.metrics.enable_gpu()
@@ -216,6 +217,11 @@ class Service:
             "url": redacted(self.store.url),
             "degraded": self.store.degraded,
         }
+
+    def drain(self) -> None:
+        """Stop taking new sessions and analyses (DRAINING); the running ones carry on."""
+        self.draining = True
+        self.metrics.ready.set(0)
 
     def close(self) -> None:
         self.ready = False

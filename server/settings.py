@@ -202,6 +202,13 @@ class Settings:
     idle_timeout_s: float = field(
         default=300.0, metadata={"help": "a session with no audio this long is closed"}
     )
+    drain_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "help": "on SIGTERM, how long running sessions may go on (new ones are refused, "
+            "DRAINING) before the server stops; 0 = at once; a second signal stops it at once"
+        },
+    )
     max_chunk_bytes: int = field(default=1_048_576, metadata={"help": "largest audio chunk"})
     max_realtime_factor: float = field(
         default=4.0, metadata={"help": "fastest accepted send rate, as a multiple of real time"}
@@ -384,6 +391,8 @@ class Settings:
         bad = set(self.telephony_tracks) - {"customer", "agent"}
         if bad:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
+        if not 0 <= self.drain_timeout_s < math.inf:
+            raise ValueError(f"drain_timeout_s must be 0 or more, got {self.drain_timeout_s}")
         if not 0 <= self.audiosocket_port <= 65535:
             raise ValueError(f"audiosocket_port must be 0-65535, got {self.audiosocket_port}")
         if self.audiohook_client_secret:

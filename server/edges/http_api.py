@@ -116,9 +116,11 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         while live demand exceeds capacity by the saturation margin (sessions already running
         carry on: a load balancer should send new ones elsewhere)."""
         load = service.current_load()
-        ready = service.ready and not load.saturated
+        ready = service.ready and not service.draining and not load.saturated
         if not service.ready:
             status = "starting"
+        elif service.draining:
+            status = "draining"
         elif load.saturated:
             status = "saturated"
         else:
@@ -255,6 +257,11 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         upload = request.files.get("file")
         if upload is None:
             return error(400, "INVALID_MESSAGE", "send the audio as multipart field 'file'")
+        if service.draining:
+            service.metrics.errors.labels("DRAINING").inc()
+            response, status = error(503, "DRAINING", "this node is shutting down; retry")
+            response.headers["Retry-After"] = "1"
+            return response, status
         if not analyses.acquire(blocking=False):
             service.metrics.errors.labels("OVERLOADED").inc()
             response, status = error(

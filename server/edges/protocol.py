@@ -29,6 +29,7 @@ ERROR_CODES = (
     "RATE_LIMITED",
     "SESSION_LIMIT",
     "OVERLOADED",  # saturated, with saturation_policy=refuse: retry after retry_after_s
+    "DRAINING",  # this node is shutting down: start the session on another one
     "UNAUTHORIZED",
     "INFERENCE_TIMEOUT",
     "INFERENCE_FAILED",

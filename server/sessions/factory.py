@@ -57,11 +57,13 @@ class SessionFactory:
         runtime: ThreadRuntime,
         model_info: dict[str, Any],
         load: Callable[[], Load] | None = None,
+        draining: Callable[[], bool] = lambda: False,
         claims: RedisClaims | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self._load = load
+        self._draining = draining
         self.claims = claims
         self.registry = registry
         self.store = store
@@ -168,8 +170,17 @@ class SessionFactory:
         return runner
 
     def _admit(self) -> None:
-        """With ``saturation_policy=refuse``, a saturated server refuses new sessions (OVERLOADED,
-        retry later or elsewhere); with ``shed`` it takes them and every stream thins evenly."""
+        """A draining node refuses new sessions (DRAINING: start on another node; resumes and
+        call takeovers of running sessions go on). With ``saturation_policy=refuse``, a
+        saturated server refuses them too (OVERLOADED, retry later or elsewhere); with ``shed``
+        it takes them and every stream thins evenly."""
+        if self._draining():
+            raise ProtocolError(
+                "DRAINING",
+                "this node is shutting down; start the session again (the load balancer sends "
+                "it to another node)",
+                retry_after_s=1,
+            )
         if self.settings.saturation_policy != "refuse" or self._load is None:
             return
         load = self._load()

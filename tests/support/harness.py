@@ -94,6 +94,7 @@ class ServerProcess:
             str(self.db),
             "--dtype",
             "fp32",
+            "--drain-timeout-s=0",  # stop() stops at once; a drain test sets its own
             *args,
         ]
         self.env = {
