@@ -35,6 +35,7 @@ import numpy as np
 
 from engine.audio import RAW_BYTES_PER_SAMPLE
 from engine.batcher import WindowExpired
+from engine.dynamics import SpeechLog, call_dynamics
 from engine.pipeline import StreamPipeline
 from engine.windowing import Window
 from server.runtime import ThreadRuntime
@@ -108,6 +109,7 @@ class Track:
     expired_since_result: int = 0
     failed: int = 0
     last_start_s: float | None = None
+    speech: SpeechLog = field(default_factory=SpeechLog)  # its VAD segments, for the dynamics
 
     @property
     def idle(self) -> bool:
@@ -275,6 +277,7 @@ class SessionRunner:
 
     def _after_feed(self, track: Track, fed: Any, received_at: float) -> None:
         for change in fed.vad_events:
+            track.speech.change(change.speech, change.at_s)
             payload = wire.vad(self.session.id, track.name, change.speech, change.at_s)
             self._publish(VadChange(self.session, payload))
         if fed.skipped_silence:
@@ -297,6 +300,12 @@ class SessionRunner:
             for name, t in self.tracks.items()
         }
         summary = wire.summary(self.session, reason, tracks, self.random_weights)
+        for t in self.tracks.values():
+            t.speech.close(t.pipeline.audio_s)
+        summary["dynamics"] = call_dynamics(
+            {t.name or "speaker": t.speech.segments for t in self.tracks.values()},
+            max((t.pipeline.audio_s for t in self.tracks.values()), default=0.0),
+        )
         self._publish(Ended(self.session, reason, summary))
 
     def _wait_idle(self) -> None:

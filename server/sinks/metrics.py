@@ -165,6 +165,24 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.talk_seconds = Counter(
+            p + "talk_seconds",
+            "Speech time of ended sessions, by source and party (the VAD's segments)",
+            ["source", "party"],
+            registry=r,
+        )
+        self.overtalk_seconds = Counter(
+            p + "overtalk_seconds",
+            "Time two or more parties of an ended call spoke at once",
+            ["source"],
+            registry=r,
+        )
+        self.interruptions = Counter(
+            p + "interruptions",
+            "Interruptions in ended calls: a party started while another spoke, who gave way",
+            ["source", "party"],
+            registry=r,
+        )
         self.capacity = Gauge(
             p + "capacity_windows_per_second",
             "Live windows a second the model can analyse here, as its batches take now "
@@ -270,6 +288,13 @@ class Metrics:
 
     def queue_changed(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def record_dynamics(self, source: str, dynamics: dict[str, Any]) -> None:
+        """An ended session's conversation measures (engine/dynamics.py)."""
+        for party, measures in dynamics["parties"].items():
+            self.talk_seconds.labels(source, party).inc(measures["talk_s"])
+            self.interruptions.labels(source, party).inc(measures["interruptions"])
+        self.overtalk_seconds.labels(source).inc(dynamics["overtalk_s"])
 
     def sample_load(self, load: Load, window_s: float = 10.0) -> None:
         """Capacity, demand and the lanes' busy share over the last ``window_s`` (read at each

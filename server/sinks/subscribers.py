@@ -105,6 +105,9 @@ class MetricsRecorder:
             m.active_sessions.labels(event.session.source).inc()
         elif isinstance(event, Ended):
             m.active_sessions.labels(event.session.source).dec()
+            dynamics = event.summary.get("dynamics")
+            if dynamics:
+                m.record_dynamics(event.session.source, dynamics)
 
 
 class StoreRecorder:

@@ -10,6 +10,7 @@ import websocket
 
 from tests.protocol.conftest import TOKEN
 from tests.support.calls import (
+    AGENT,
     CUSTOMER,
     at_8k,
     l16,
@@ -102,6 +103,14 @@ def test_both_parties_go_to_the_call_room_store_and_metrics_when_agent_analysis_
     )
     assert {r["seq"] for r in live} == {f["seq"] for f in call["frames"]}
     assert set(call["summary"]["tracks"]) == {"customer", "agent"}
+    # the parties take turns (party_audio): each talks about as long as its speech, and the
+    # agent's answer starts after the customer's end, so there is next to no overtalk
+    dynamics = call["summary"]["dynamics"]
+    for party, voice in (("customer", CUSTOMER), ("agent", AGENT)):
+        spoken = speech(**voice).size / 16000
+        assert 0.6 * spoken < dynamics["parties"][party]["talk_s"] < spoken + 1.0, party
+    assert dynamics["overtalk_s"] < 0.5 and dynamics["parties"]["agent"]["interruptions"] == 0
+    assert strict_server.metric("voxaffect_talk_seconds_total", source="twilio", party="agent") > 0
     monitor.close()
 
 
