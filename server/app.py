@@ -28,6 +28,7 @@ from server.edges import listener
 from server.edges.auth import origin_check
 from server.edges.edge_guard import EdgeGuard
 from server.edges.listener import ListenerLimits
+from server.edges.scoped_tokens import ScopedTokens
 from server.edges.socketio import MessageLimiter, PacketJson, StreamNamespace
 from server.edges.telephony import calls as telephony
 from server.edges.telephony.calls import TelephonyEdge
@@ -156,6 +157,13 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         claims=claims,
         clock=service.clock,
     )
+    tokens = ScopedTokens(
+        settings.token_signing_key,
+        settings.scoped_token_max_s,
+        on_refused=lambda reason: metrics.scoped_tokens_refused.labels(reason).inc(),
+    )
+    if tokens.node_local:
+        log.info("no token_signing_key: short-lived tokens hold on this process only")
     namespace = StreamNamespace(
         socketio,
         settings=settings,
@@ -165,6 +173,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         metrics=metrics,
         publish=bus.publish,
         runtime=runtime,
+        tokens=tokens,
         clock=service.clock,
     )
     socketio.on_namespace(namespace)
@@ -179,7 +188,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     )
     telephony.register(flask, calls)
     api.register_error_handlers(flask, service)
-    flask.register_blueprint(api.blueprint(service, factory))
+    flask.register_blueprint(api.blueprint(service, factory, tokens))
 
     @flask.get("/")
     def index() -> Response:

@@ -50,6 +50,16 @@ class Settings:
             "analyse files; nothing else"
         },
     )
+    token_signing_key: str = field(
+        default="",
+        metadata={
+            "help": "key (32+ characters, the same on every node) that signs the short-lived "
+            "tokens of POST /api/tokens; empty = a random key per process"
+        },
+    )
+    scoped_token_max_s: float = field(
+        default=900.0, metadata={"help": "longest life of a token from POST /api/tokens"}
+    )
     cors_origins: tuple[str, ...] = field(
         default=(), metadata={"help": "extra allowed browser origins; empty = same origin only"}
     )
@@ -359,6 +369,7 @@ class Settings:
             "latency_budget_s",
             "body_timeout_s",
             "auth_timeout_s",
+            "scoped_token_max_s",
             "max_messages_per_s",
             "max_upload_mb",
             "max_upload_s",
@@ -391,6 +402,8 @@ class Settings:
         bad = set(self.telephony_tracks) - {"customer", "agent"}
         if bad:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
+        if self.token_signing_key and len(self.token_signing_key) < 32:
+            raise ValueError("token_signing_key must be at least 32 characters")
         if not 0 <= self.drain_timeout_s < math.inf:
             raise ValueError(f"drain_timeout_s must be 0 or more, got {self.drain_timeout_s}")
         if not 0 <= self.audiosocket_port <= 65535:
@@ -457,6 +470,7 @@ class Settings:
         out["alert_webhook"] = len(self.alert_webhook)  # URLs may carry tokens
         out["alert_webhook_secret"] = bool(self.alert_webhook_secret)
         out["twilio_auth_token"] = bool(self.twilio_auth_token)
+        out["token_signing_key"] = bool(self.token_signing_key)
         out["audiohook_client_secret"] = bool(self.audiohook_client_secret)
         out.pop("message_queue")
         out["db"] = redacted(database_url(self.db)) if "://" in self.db else self.db

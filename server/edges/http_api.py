@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from engine.audio import AudioFormatError, file_blocks
 from server.edges.auth import allowed, client_address, origin_allowed, request_token
 from server.edges.protocol import ProtocolError, describe_id, valid_id
+from server.edges.scoped_tokens import ScopedTokens
 from server.service import Service
 from server.sessions import wire
 from server.sessions.factory import SessionFactory, reader_hash
@@ -83,7 +84,7 @@ def _reader_token(req: Any) -> str | None:
     return req.headers.get("X-Resume-Token") or None
 
 
-def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
+def blueprint(service: Service, factory: SessionFactory, tokens: ScopedTokens) -> Blueprint:
     bp = Blueprint("api", __name__)
     settings = service.settings
     store = service.store
@@ -207,6 +208,17 @@ def blueprint(service: Service, factory: SessionFactory) -> Blueprint:
         except (KeyError, TypeError, AttributeError) as exc:
             return error(400, "INVALID_MESSAGE", f"a frame lacks a field of a result: {exc}")
         return Response(text, mimetype="text/csv")
+
+    @bp.post("/api/tokens")
+    def mint_token() -> Response | tuple[Response, int]:
+        """A short-lived scoped token for a browser (server/edges/scoped_tokens.py); the
+        request itself needs a supervisor token."""
+        try:
+            minted = tokens.mint(request.get_json(silent=True))
+        except ProtocolError as exc:
+            return error(400, exc.code, exc.message)
+        service.metrics.scoped_tokens_minted.labels(minted["scope"]).inc()
+        return jsonify(minted)
 
     @bp.get("/api/alerts")
     def alerts() -> Response | tuple[Response, int]:

@@ -8,6 +8,7 @@ in the ack), and never ends the session or the connection.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,7 @@ from server.edges.protocol import (
     parse_start,
     session_id_of,
 )
+from server.edges.scoped_tokens import Scope, ScopedTokens
 from server.runtime import ThreadRuntime
 from server.sessions import wire
 from server.sessions.events import Disconnected, Event
@@ -163,6 +165,7 @@ class StreamNamespace(Namespace):
         metrics: Metrics,
         publish: Callable[[Event], None],
         runtime: ThreadRuntime,
+        tokens: ScopedTokens,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__("/")
@@ -175,7 +178,9 @@ class StreamNamespace(Namespace):
         self.publish = publish
         self.runtime = runtime
         self.clock = clock
+        self.tokens = tokens
         self.supervisors: set[str] = set()  # sids that presented a valid API token
+        self.scoped: dict[str, Scope] = {}  # sids that presented a short-lived scoped token
         self._transport_seen: dict[str, float] = {}  # Engine.IO sids not yet connected, since
 
     def close_unconnected(self, timeout_s: float) -> int:
@@ -212,7 +217,13 @@ class StreamNamespace(Namespace):
     def on_connect(self, auth: Any = None) -> None:
         # auth is whatever the client sent: a token that is not a string is no token
         token = auth.get("token") if isinstance(auth, dict) else None
-        if self.settings.auth_required:
+        if ScopedTokens.looks_scoped(token):
+            try:
+                self.scoped[_sid()] = self.tokens.verify(token)
+            except ProtocolError as exc:
+                self.metrics.errors.labels("UNAUTHORIZED").inc()
+                raise ConnectionRefusedError(exc.message, {"code": "UNAUTHORIZED"}) from None
+        elif self.settings.auth_required:
             role = token_role(self.settings, token or request_token(request))
             if role is None:
                 self.metrics.errors.labels("UNAUTHORIZED").inc()
@@ -225,6 +236,7 @@ class StreamNamespace(Namespace):
     def on_disconnect(self, *_: Any) -> None:
         sid = _sid()
         self.supervisors.discard(sid)
+        self.scoped.pop(sid, None)
         self.metrics.connections.labels("socketio").dec()
         for runner in self.registry.detach(sid):
             log.info("client gone; session awaits resume", extra={"session_id": runner.session.id})
@@ -239,8 +251,14 @@ class StreamNamespace(Namespace):
     @guarded
     def on_start_session(self, data: Any) -> dict[str, Any]:
         start = parse_start(data)
+        scope = self.scoped.get(_sid())
         if start.resume_token is not None:
-            return self._resume(start.resume_token, start.session_id, start.since_seq)
+            return self._resume(start.resume_token, start.session_id, start.since_seq, scope)
+        if scope is not None:
+            if scope.scope != "start" or start.session_id not in (None, scope.session_id):
+                raise self.tokens.out_of_scope(scope, "start this session")
+            self.tokens.use_once(scope)
+            start = dataclasses.replace(start, session_id=scope.session_id or start.session_id)
         s = self.settings
         client = client_address(s, request.environ)
         if self.registry.held_by(owner=_sid()) >= s.max_sessions_per_connection:
@@ -271,13 +289,17 @@ class StreamNamespace(Namespace):
             "resumed": False,
         }
 
-    def _resume(self, token: str, session_id: str | None, since_seq: int) -> dict[str, Any]:
+    def _resume(
+        self, token: str, session_id: str | None, since_seq: int, scope: Scope | None = None
+    ) -> dict[str, Any]:
         runner = self.registry.by_token(token)
         if runner is None or runner.session.ended:
             raise ProtocolError(
                 "UNKNOWN_SESSION", "no session to resume with that token (expired or ended)"
             )
         session = runner.session
+        if scope is not None and (scope.scope != "resume" or scope.session_id != session.id):
+            raise self.tokens.out_of_scope(scope, "resume this session")
         if session_id not in (None, session.id):
             raise ProtocolError("UNAUTHORIZED", "the resume_token is for another session")
         sid = _sid()
@@ -354,12 +376,16 @@ class StreamNamespace(Namespace):
         """Monitor access (for API token holders when tokens are set): live updates of every
         session, or the results of one session."""
         sid = _sid()
-        if sid not in self.supervisors:  # secure by default: no tokens configured, no monitoring
+        session_id = session_id_of(data or {}, "subscribe", required=False)
+        scope = self.scoped.get(sid)
+        if scope is not None:
+            if scope.scope != "subscribe" or session_id != scope.session_id:
+                raise self.tokens.out_of_scope(scope, "subscribe to this")
+        elif sid not in self.supervisors:  # secure by default: no tokens configured, none
             raise ProtocolError(
                 "UNAUTHORIZED",
                 "monitoring needs a supervisor token (VOXAFFECT_API_TOKENS; ingest tokens may not)",
             )
-        session_id = session_id_of(data or {}, "subscribe", required=False)
         if session_id is None:
             join_room(MONITOR_ROOM)
             states = [wire.session_state(r.session) for r in self.registry.all()]

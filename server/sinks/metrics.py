@@ -165,6 +165,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.scoped_tokens_minted = Counter(
+            p + "scoped_tokens_minted",
+            "Short-lived tokens minted by POST /api/tokens, by scope",
+            ["scope"],
+            registry=r,
+        )
+        self.scoped_tokens_refused = Counter(
+            p + "scoped_tokens_refused",
+            "Short-lived tokens refused: expired, bad_signature, malformed, reused or scope",
+            ["reason"],
+            registry=r,
+        )
         self.talk_seconds = Counter(
             p + "talk_seconds",
             "Speech time of ended sessions, by source and party (the VAD's segments)",

@@ -189,3 +189,65 @@ def test_tokens_roles_and_error_codes(edge):
     csv = http.post("/api/csv", json=timeline, headers={"Authorization": f"Bearer {INGEST}"})
     assert csv.status_code == 200 and csv.data == own.data
     assert http.get("/no/such").json["error"]["code"] == "NOT_FOUND"
+
+
+def test_short_lived_tokens_do_what_their_scope_says_and_nothing_else(edge):
+    metrics = edge.app.service.metrics.registry
+
+    def refused(reason: str) -> float:
+        labels = {"reason": reason}
+        return metrics.get_sample_value("voxaffect_scoped_tokens_refused_total", labels) or 0.0
+
+    def mint(token: str = SUPERVISOR, **body: Any) -> Any:
+        return edge.http.post(
+            "/api/tokens", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    before = {r: refused(r) for r in ("scope", "reused", "bad_signature", "expired")}
+    assert mint(INGEST, scope="start").status_code == 401  # minting needs a supervisor token
+    assert mint(scope="resume").json["error"]["code"] == "INVALID_MESSAGE"  # names no session
+    start = mint(scope="start", session_id="browser-call-1").json
+    assert start["expires_at"] > time.time() and start["scope"] == "start"
+
+    browser = Seen(edge, token=start["token"])
+    assert browser.call("subscribe", {})["error"]["code"] == "UNAUTHORIZED"
+    assert browser.call("start_session", {"session_id": "x"})["error"]["code"] == "UNAUTHORIZED"
+    ack = browser.start()
+    assert ack["session_id"] == "browser-call-1"
+    again = Seen(edge, token=start["token"])  # once used, the token starts nothing more
+    assert again.call("start_session", {})["error"]["code"] == "UNAUTHORIZED"
+    browser.send("browser-call-1", seconds(0, 2.2))
+
+    watch = mint(scope="subscribe", session_id="browser-call-1").json["token"]
+    watcher = Seen(edge, token=watch)
+    assert "error" not in watcher.call("subscribe", {"session_id": "browser-call-1"})
+    assert watcher.call("subscribe", {"session_id": "another"})["error"]["code"] == "UNAUTHORIZED"
+    assert watcher.call("subscribe", {})["error"]["code"] == "UNAUTHORIZED"
+    assert watcher.call("start_session", {})["error"]["code"] == "UNAUTHORIZED"
+
+    browser.client.disconnect()  # a page reload: it comes back with a resume token of its own
+    comeback = mint(scope="resume", session_id="browser-call-1").json["token"]
+    back = Seen(edge, token=comeback)
+    resumed = back.call(
+        "start_session", {"session_id": "browser-call-1", "resume_token": ack["resume_token"]}
+    )
+    assert resumed["resumed"] is True
+    back.call("end_session", {"session_id": "browser-call-1"})
+    back.wait("session_summary", 1)
+    assert watcher.wait("session_summary", 1)  # the watcher heard the session it may hear
+
+    cut = len(watch) - 10
+    tampered = watch[:cut] + ("A" if watch[cut] != "A" else "B") + watch[cut + 1 :]
+    assert not edge.client(token=tampered).is_connected()
+    short = mint(scope="start", ttl_s=1).json["token"]
+    time.sleep(1.6)
+    assert not edge.client(token=short).is_connected()
+    # no HTTP route takes them
+    assert (
+        edge.http.get("/api/sessions", headers={"Authorization": f"Bearer {watch}"}).status_code
+        == 401
+    )
+    assert refused("scope") - before["scope"] == 5
+    assert refused("reused") - before["reused"] == 1
+    assert refused("bad_signature") - before["bad_signature"] == 1
+    assert refused("expired") - before["expired"] == 1
