@@ -34,6 +34,7 @@ COPY engine/ engine/
 COPY server/ server/
 COPY client/ client/
 COPY bench/ bench/
+COPY clients/js/src/ clients/js/src/
 COPY static/ static/
 RUN pip install --no-cache-dir --no-deps .
 

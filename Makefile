@@ -10,6 +10,7 @@ MODEL ?= iic/emotion2vec_plus_large
 PYTEST_ARGS ?=
 
 K8S_VALIDATE := deploy/kubernetes/validate
+JS_CLIENT := clients/js
 
 .PHONY: setup system node run demo test test-image lint bench clean
 
@@ -22,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-node: $(K8S_VALIDATE)/node_modules/.package-lock.json  ## Node packages the tests use, from the lockfile
+node: $(K8S_VALIDATE)/node_modules/.package-lock.json $(JS_CLIENT)/node_modules/.package-lock.json  ## Node packages the tests use, from the lockfiles
 
-$(K8S_VALIDATE)/node_modules/.package-lock.json: $(K8S_VALIDATE)/package-lock.json
-	cd $(K8S_VALIDATE) && npm ci --no-audit --no-fund --loglevel=error
+%/node_modules/.package-lock.json: %/package-lock.json
+	cd $* && npm ci --no-audit --no-fund --loglevel=error
 
 system:  ## OS packages the tests use (espeak-ng, sox, chromium, prometheus, redis); needs root
 	scripts/setup-system.sh
@@ -53,4 +54,4 @@ bench: setup  ## not part of CI: full-size random checkpoint, then the engine be
 	$(BIN)/python -m bench.engine --model models/large
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(K8S_VALIDATE)/node_modules
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(K8S_VALIDATE)/node_modules $(JS_CLIENT)/node_modules

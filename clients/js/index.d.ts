@@ -1,0 +1,114 @@
+// Types of voxaffect-client, from the server's protocol (README, Protocol).
+
+export type Emotion = string; // one of the model's labels (emotion2vec_plus_large: 9)
+
+export interface Stress {
+  index: number; // 0-100
+  raw_index: number;
+  level: "low" | "moderate" | "elevated" | "high";
+  confidence: number; // 0-1
+  calibrating: boolean;
+  components: Record<string, number>;
+}
+
+export interface Result {
+  session_id: string;
+  seq: number; // rises by one per session
+  start_s: number;
+  end_s: number;
+  emotion: Emotion;
+  confidence: number;
+  scores: Record<Emotion, number>;
+  stress: Stress;
+  speech_ratio: number;
+  device: string;
+  latency_ms: number;
+  hop_s: number | null;
+  expired: number; // windows of this track dropped unanalysed since the previous result
+  random_weights?: boolean; // true: NOT emotions, a random-weight test model
+  narrowband?: boolean;
+  fallback_reason?: string;
+  track?: string;
+  embedding?: number[];
+}
+
+export interface Vad {
+  session_id: string;
+  speech: boolean;
+  at_s: number;
+  track?: string;
+}
+
+export interface Alert {
+  rule: string;
+  severity: string;
+  state: string;
+  session_id: string;
+  [field: string]: unknown;
+}
+
+export interface Summary {
+  session_id: string;
+  reason: string;
+  results: number;
+  duration_s?: number;
+  speech_s?: number;
+  emotion_mix?: Record<Emotion, number>;
+  dominant_emotion?: Emotion | null;
+  stress?: { mean: number | null; max: number | null; peaks: unknown[] };
+  expired?: number;
+  failed?: number;
+  random_weights: boolean;
+  dynamics?: Record<string, unknown>;
+  tracks?: Record<string, Record<string, unknown>>;
+}
+
+export declare class VoxaffectError extends Error {
+  code: string; // the server's error code (UNAUTHORIZED, DRAINING, ...) or BUFFER_FULL, TIMEOUT
+  details: Record<string, unknown>;
+}
+
+export type TokenSource =
+  | string
+  | ((request: { scope: "start" | "resume"; sessionId: string | null }) => string | Promise<string>);
+
+export interface ConnectOptions {
+  url: string;
+  token?: TokenSource;
+  sampleRate?: number; // of the audio you send (8000-48000); default 16000
+  encoding?: "pcm_s16le" | "pcm_f32le" | "mulaw" | "alaw";
+  channels?: number;
+  sessionId?: string;
+  resumeToken?: string; // resume a session instead of starting one
+  sinceSeq?: number;
+  options?: { embeddings?: boolean };
+  maxBufferedBytes?: number; // audio kept while reconnecting; default 1 MiB
+  timeoutMs?: number;
+  reconnectionDelayMax?: number;
+  socketOptions?: Record<string, unknown>; // passed to socket.io-client's io()
+}
+
+export interface SessionEvents {
+  result: Result;
+  utterance: Record<string, unknown>;
+  vad: Vad;
+  alert: Alert;
+  summary: Summary;
+  error: VoxaffectError;
+  reconnecting: { reason: string };
+  resumed: { replayed: number; lastSeq: number };
+}
+
+export declare class Session {
+  readonly id: string;
+  readonly resumeToken: string;
+  readonly lastSeq: number;
+  readonly config: Record<string, unknown>;
+  on<E extends keyof SessionEvents>(event: E, listener: (payload: SessionEvents[E]) => void): this;
+  off<E extends keyof SessionEvents>(event: E, listener: (payload: SessionEvents[E]) => void): this;
+  send(audio: Int16Array | Float32Array | ArrayBuffer): boolean;
+  end(options?: { timeoutMs?: number }): Promise<Summary>;
+  close(): void;
+}
+
+export declare function connect(options: ConnectOptions): Promise<Session>;
