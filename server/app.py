@@ -307,13 +307,18 @@ def serve(
     gc.collect()
     gc.freeze()
     if settings.audiosocket_port:
-        audiosocket = telephony.listen_audiosocket(
-            settings.audiosocket_host, settings.audiosocket_port
-        )
+        where = f"{settings.audiosocket_host}:{settings.audiosocket_port}"
+        try:
+            audiosocket = telephony.listen_audiosocket(
+                settings.audiosocket_host, settings.audiosocket_port
+            )
+        except OSError as exc:
+            log.error("cannot listen for AudioSocket", extra={"address": where, "error": str(exc)})
+            raise SystemExit(2) from None
         runtime.spawn(app.telephony.serve_audiosocket, audiosocket)
         log.info(
             "AudioSocket listening (no authentication: keep it private)",
-            extra={"address": f"{settings.audiosocket_host}:{settings.audiosocket_port}"},
+            extra={"address": where},
         )
     log.info("listening", extra={"url": f"http://{settings.host}:{settings.port}"})
     listener.serve(
