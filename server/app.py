@@ -198,6 +198,12 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     def monitor() -> Response:
         return send_from_directory(static, "monitor.html")
 
+    sdk = static.parent / "clients/js/src"  # the voxaffect-client package, which the page uses
+
+    @flask.get("/sdk/<path:name>")
+    def sdk_module(name: str) -> Response:
+        return send_from_directory(sdk, name, mimetype="text/javascript")
+
     @flask.get("/favicon.ico")
     def favicon() -> Response:
         return send_from_directory(static, "favicon.svg", mimetype="image/svg+xml")

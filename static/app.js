@@ -1,17 +1,17 @@
-// The live page: microphone -> AudioWorklet (mono, 16 kHz, PCM16, 100 ms chunks) -> Socket.IO,
-// results -> charts. Survives a dropped connection: it resumes the session with its token and
-// the last seq it holds, keeps the chunks recorded meanwhile, and drops replayed duplicates.
-"use strict";
+// The live page: microphone -> voxaffect-client (its AudioWorklet: mono, 16 kHz, PCM16, 100 ms
+// chunks; its session: Socket.IO, resume after a dropped connection, the chunks recorded
+// meanwhile kept, replayed duplicates dropped) -> charts. This file is the page's UI only.
+import { connect } from "voxaffect-client";
+import { startMic } from "voxaffect-client/mic";
 
 const { HeatStrip, StressChart, renderDistribution, renderComponents, download, fmt } = window.Views;
 const $ = id => document.getElementById(id);
-const MAX_QUEUED_CHUNKS = 600;    // a minute of audio kept while reconnecting
 const MAX_RESULTS = 20000;        // about five and a half hours of 1 s hops
 
 const state = {
-  socket: null, info: null, token: "",
-  sessionId: null, resumeToken: null, lastSeq: 0, resumed: true,
-  results: [], queue: [], capture: null, fileTimeline: null,
+  session: null, info: null, token: "",
+  sessionId: null, resumeToken: null,
+  results: [], capture: null, fileTimeline: null,
 };
 const heat = new HeatStrip($("heat"));
 const stressChart = new StressChart($("stress-chart"));
@@ -38,9 +38,10 @@ function say(text, kind = "error", ttlMs = 9000) {
   if (ttlMs) setTimeout(() => node.remove(), ttlMs);
 }
 
-function explain(error) {
+function explain(error) {  // a server error, or the package's VoxaffectError around one
+  const message = (error.details && error.details.message) || error.message;
   const words = ERROR_WORDS[error.code];
-  return words ? `${words} (${error.code}: ${error.message})` : `Server error ${error.code}: ${error.message}`;
+  return words ? `${words} (${error.code}: ${message})` : `Server error ${error.code}: ${message}`;
 }
 
 function setConnection(text, stateName) {
@@ -48,7 +49,7 @@ function setConnection(text, stateName) {
   $("connection").dataset.state = stateName;
 }
 
-// --- server connection --------------------------------------------------------------------------
+// --- server connection (voxaffect-client: connect, resume, dedupe) ---------------------------------
 
 function authHeaders() {
   return state.token ? { Authorization: `Bearer ${state.token}` } : {};
@@ -70,57 +71,38 @@ async function loadInfo() {
   $("random-warning").hidden = !m.random_weights;
   $("random-note").hidden = !m.random_weights;
   if (state.info.auth_required) $("token-box").hidden = false;
+  setConnection("online", "online");
 }
 
-function connect() {
-  const socket = io({ auth: cb => cb({ token: state.token || null }), transports: ["websocket"], reconnectionDelayMax: 4000 });
-  state.socket = socket;
-  window.voxaffectSocket = socket;
-  socket.on("connect", () => {
+async function openSession() {
+  const session = await connect({
+    url: location.origin, token: state.token || null, reconnectionDelayMax: 4000,
+    maxBufferedBytes: 60 * 32000, // a minute of audio kept while reconnecting
+  });
+  state.session = session;
+  window.voxaffectSocket = session.socket;
+  session.on("result", onResult);
+  session.on("vad", v => setSpeech(v.speech));
+  session.on("error", e => say(explain(e)));
+  session.on("reconnecting", e => {
+    if (e.attempt > 0) setConnection("unreachable — retrying", "error");
+    else setConnection("reconnecting…", "warn");
+  });
+  session.on("resumed", e => {
     setConnection("connected", "online");
-    if (state.sessionId && state.resumeToken) resume();
+    if (e.replayed) say(`Reconnected: ${e.replayed} result(s) made while offline were recovered.`, "info", 5000);
   });
-  socket.on("disconnect", reason => {
-    setConnection(state.sessionId ? "reconnecting…" : "offline", "warn");
-    if (state.sessionId) state.resumed = false;
-    if (reason === "io server disconnect") socket.connect();
-  });
-  socket.on("connect_error", err => {
-    const code = err && err.data && err.data.code;
-    if (code === "UNAUTHORIZED") {
-      setConnection("token needed", "error");
-      $("token-box").hidden = false;
-      say(ERROR_WORDS.UNAUTHORIZED);
-      socket.disconnect();
-    } else {
-      setConnection("unreachable — retrying", "error");
-    }
-  });
-  socket.on("emotion_result", onResult);
-  socket.on("vad", v => { if (v.session_id === state.sessionId) setSpeech(v.speech); });
-  socket.on("error", e => say(explain(e)));
-  socket.on("session_summary", s => {
-    if (s.session_id !== state.sessionId) return;
+  session.on("summary", s => {
     $("timeline-info").textContent =
       `Session ended: ${s.results} windows analysed over ${fmt(s.duration_s)} s (${fmt(s.speech_s)} s of speech); ` +
       `stress mean ${fmt(s.stress && s.stress.mean)}, peak ${fmt(s.stress && s.stress.max)}.`;
   });
-}
-
-function resume() {
-  state.socket.emit("start_session", { resume_token: state.resumeToken, since_seq: state.lastSeq }, ack => {
-    if (ack.error) { say(explain(ack.error)); state.sessionId = null; stopCapture(); return; }
-    state.resumed = true;
-    if (ack.replayed) say(`Reconnected: ${ack.replayed} result(s) made while offline were recovered.`, "info", 5000);
-    flushQueue();
-  });
+  return session;
 }
 
 // --- results ------------------------------------------------------------------------------------
 
-function onResult(r) {
-  if (r.session_id !== state.sessionId || r.seq <= state.lastSeq) return; // another session, or a replayed duplicate
-  state.lastSeq = r.seq;
+function onResult(r) {  // once each, in order: the package drops replayed duplicates
   state.results.push(r);
   if (state.results.length > MAX_RESULTS) state.results.shift();
   show(r);
@@ -154,10 +136,12 @@ function setSpeech(speaking) {
 
 async function start() {
   $("start").disabled = true;
-  let stream;
+  const early = []; // chunks captured before the session is open
+  let mic;
   try {
-    stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false },
+    mic = await startMic({
+      onChunk: pcm => (state.session ? state.session.send(pcm) : early.push(pcm)),
+      onLevel: db => { $("level").style.width = `${Math.max(0, Math.min(100, (db + 60) * 100 / 60))}%`; },
     });
   } catch (e) {
     $("start").disabled = false;
@@ -167,71 +151,44 @@ async function start() {
     say(words);
     return;
   }
-  // The context is made (and resumed) only now, after the permission prompt.
-  const ctx = new AudioContext();
-  await ctx.resume();
-  await ctx.audioWorklet.addModule("/static/worklet.js");
-  const source = ctx.createMediaStreamSource(stream);
-  const node = new AudioWorkletNode(ctx, "pcm16-capture", { processorOptions: { chunkMs: 100 } });
-  const mute = ctx.createGain();
-  mute.gain.value = 0;
-  source.connect(node).connect(mute).connect(ctx.destination); // pulled by the graph, never heard
-  state.capture = { ctx, stream, node };
-  node.port.onmessage = e => {
-    if (e.data.type === "format") { state.capture.format = e.data; return; }
-    $("level").style.width = `${Math.max(0, Math.min(100, (e.data.levelDb + 60) * 100 / 60))}%`;
-    send(e.data.pcm);
-  };
-
-  state.socket.emit("start_session", { sample_rate: 16000, encoding: "pcm_s16le", channels: 1 }, ack => {
-    if (ack.error) { say(explain(ack.error)); stopCapture(); $("start").disabled = false; return; }
-    state.sessionId = ack.session_id;
-    state.resumeToken = ack.resume_token;
-    state.lastSeq = 0;
-    state.results = [];
-    state.fileTimeline = null;
-    state.resumed = true;
-    heat.clear(); stressChart.clear();
-    $("stop").disabled = false;
-    setSpeech(false);
-    flushQueue();
-  });
-}
-
-function send(pcm) {
-  state.queue.push(pcm.buffer);
-  if (state.queue.length > MAX_QUEUED_CHUNKS) state.queue.shift();
-  flushQueue();
-}
-
-function flushQueue() {
-  const s = state.socket;
-  while (state.sessionId && state.resumed && s.connected && state.queue.length) {
-    s.emit("audio_stream", { session_id: state.sessionId, chunk: state.queue.shift() });
+  state.capture = { mic, format: { inputRate: mic.inputRate, outputRate: mic.outputRate } };
+  let session;
+  try {
+    session = await openSession();
+  } catch (e) {
+    stopCapture();
+    $("start").disabled = false;
+    if (e.code === "UNAUTHORIZED") { setConnection("token needed", "error"); $("token-box").hidden = false; }
+    say(e.code ? explain(e) : String(e));
+    return;
   }
+  state.sessionId = session.id;
+  state.resumeToken = session.resumeToken;
+  state.results = [];
+  state.fileTimeline = null;
+  heat.clear(); stressChart.clear();
+  setConnection("connected", "online");
+  $("stop").disabled = false;
+  setSpeech(false);
+  early.forEach(pcm => session.send(pcm));
 }
 
 function stopCapture() {
   if (!state.capture) return;
-  state.capture.node.port.onmessage = null; // chunks still in flight from the worklet are dropped
-  state.capture.node.disconnect();
-  state.capture.stream.getTracks().forEach(t => t.stop());
-  state.capture.ctx.close();
+  state.capture.mic.stop();
   state.capture = null;
   $("level").style.width = "0%";
 }
 
 function stop() {
   stopCapture();
-  flushQueue();
-  state.queue = []; // nothing may follow end_session (the server would answer UNKNOWN_SESSION)
   $("stop").disabled = true;
   $("start").disabled = false;
   $("speech").textContent = "not listening";
   $("speech").dataset.state = "idle";
-  if (state.sessionId) {
-    state.socket.emit("end_session", { session_id: state.sessionId }, ack => { if (ack && ack.error) say(explain(ack.error)); });
-  }
+  const session = state.session;
+  state.session = null;
+  if (session) session.end().catch(e => say(e.code ? explain(e) : String(e)));
 }
 
 // --- files and export ---------------------------------------------------------------------------
@@ -294,12 +251,11 @@ $("file").addEventListener("change", e => analyseFile(e.target.files[0]));
 $("export-csv").addEventListener("click", () => exportTimeline("csv"));
 $("export-json").addEventListener("click", () => exportTimeline("json"));
 $("token").addEventListener("change", e => {
-  state.token = e.target.value.trim();
+  state.token = e.target.value.trim(); // used from the next Start
   localStorage.setItem("voxaffect-token", state.token);
-  state.socket.disconnect().connect();
 });
 
 state.token = new URLSearchParams(location.search).get("token") || localStorage.getItem("voxaffect-token") || "";
 $("token").value = state.token;
-loadInfo().then(connect);
+loadInfo();
 window.voxaffect = { state, heat, stressChart }; // for tests and curious people

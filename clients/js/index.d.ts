@@ -95,7 +95,7 @@ export interface SessionEvents {
   alert: Alert;
   summary: Summary;
   error: VoxaffectError;
-  reconnecting: { reason: string };
+  reconnecting: { reason: string; attempt: number }; // attempt > 0: the server is unreachable
   resumed: { replayed: number; lastSeq: number };
 }
 

@@ -94,6 +94,12 @@ def test_errors_are_told_in_words(browser, page_server):
     page.wait_for_selector("#connection[data-state=online]")
     page.click("#start")
     page.wait_for_selector("text=Microphone access was denied")
+    context.close()
+    context, page = new_page(browser)  # a microphone this time; then a message the server refuses
+    page.goto(page_server.url)
+    page.wait_for_selector("#connection[data-state=online]")
+    page.click("#start")
+    page.wait_for_function("window.voxaffectSocket && window.voxaffectSocket.connected")
     page.evaluate(
         "window.voxaffectSocket.emit('audio_stream', {session_id: 'nope', chunk: 'AAAA'})"
     )

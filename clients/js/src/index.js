@@ -185,7 +185,8 @@ export async function connect(options) {
   for (const [name, event] of Object.entries(SERVER_EVENTS)) {
     if (name === "emotion_result") continue;
     socket.on(name, payload => {
-      if (payload && payload.session_id && payload.session_id !== session.id) return;
+      // (an error is this connection's own, whatever session it names: a bad message's)
+      if (name !== "error" && payload && payload.session_id && payload.session_id !== session.id) return;
       session._emit(event, name === "error" ? new VoxaffectError(payload.code, payload.message, payload) : payload);
     });
   }
@@ -218,9 +219,12 @@ export async function connect(options) {
   socket.on("disconnect", reason => {
     session._live = false;
     if (session._ended && reason === "io client disconnect") return;
-    session._emit("reconnecting", { reason });
+    session._emit("reconnecting", { reason, attempt: 0 });
     if (reason === "io server disconnect") socket.connect(); // the server closed it: try again
   });
+  let attempt = 0;
+  socket.io.on("reconnect_attempt", n => { attempt = n; });
+  socket.io.on("reconnect_error", () => session._emit("reconnecting", { reason: "unreachable", attempt }));
   socket.io.on("reconnect", async () => {
     try {
       const resumed = await ack(socket, "start_session", { resume_token: session.resumeToken, session_id: session.id, since_seq: session.lastSeq }, opts.timeoutMs);
