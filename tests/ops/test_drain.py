@@ -64,12 +64,20 @@ def test_sigterm_refuses_new_sessions_and_lets_the_running_one_finish(tiny_model
 def test_a_drain_ends_at_its_timeout_and_a_second_signal_stops_at_once(
     tiny_model_dir: Path, tmp_path: Path
 ):
-    node = ServerProcess(tiny_model_dir, tmp_path / "timeout", "--drain-timeout-s=3").start()
+    node = ServerProcess(tiny_model_dir, tmp_path / "timeout", "--drain-timeout-s=3")
+    again = ServerProcess(tiny_model_dir, tmp_path / "again", "--drain-timeout-s=600")
+    starting = [threading.Thread(target=p.start) for p in (node, again)]  # both at once
+    for t in starting:
+        t.start()
+    for t in starting:
+        t.join()
     try:
+        assert node.proc is not None and again.proc is not None
         client = Recorder(node.url)
         sid = client.start()["session_id"]
         client.stream(sid, to_pcm16(speech()[:32000]), speed=4.0)  # then it never ends
-        assert node.proc is not None
+        other = Recorder(again.url)
+        other.start()
         started = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(30) == 0
@@ -77,14 +85,7 @@ def test_a_drain_ends_at_its_timeout_and_a_second_signal_stops_at_once(
         summary = wait_for(lambda: client.of("session_summary"), 5, "the summary before the exit")
         assert summary[0]["reason"] == "server stopping"
         client.close()
-    finally:
-        node.kill()
 
-    again = ServerProcess(tiny_model_dir, tmp_path / "again", "--drain-timeout-s=600").start()
-    try:
-        other = Recorder(again.url)
-        other.start()
-        assert again.proc is not None
         again.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: again.get("/readyz")[0] == 503, 10, "draining")
         started = time.monotonic()
@@ -92,4 +93,5 @@ def test_a_drain_ends_at_its_timeout_and_a_second_signal_stops_at_once(
         assert again.proc.wait(30) == 0 and time.monotonic() - started < 15
         other.close()
     finally:
+        node.kill()
         again.kill()
