@@ -1,6 +1,7 @@
 // Supervisor monitor: every active session with its current emotion and stress, updating live;
 // click one for its live charts. Needs an API token (the server refuses monitoring without one).
-"use strict";
+// The connection is voxaffect-client's watch(); this file is the monitor's UI.
+import { watch } from "voxaffect-client";
 
 const { HeatStrip, StressChart, renderDistribution, renderComponents, fmt, el } = window.Views;
 const $ = id => document.getElementById(id);
@@ -9,7 +10,7 @@ const MAX_HISTORY = 2000;
 let selected = null;
 let history = [];             // the selected session's results, every party
 let track = null;             // the party shown, for calls analysed per party (customer, agent)
-let heat = null, stressChart = null, socket = null;
+let heat = null, stressChart = null, monitor = null;
 const alerts = new Map();     // alert id -> the active (firing) alert
 const TITLE = document.title;
 let focusAt = null;           // audio time to show once the selected session's results arrive
@@ -132,60 +133,68 @@ function redraw() {
 }
 
 function select(id) {
-  if (selected) socket.emit("unsubscribe", { session_id: selected });
+  if (selected && selected !== id) monitor.unsubscribe(selected);
   if (id !== selected) { history = []; track = null; }
   selected = id;
   $("detail").hidden = false;
   $("detail-id").textContent = id;
   if (!heat) { heat = new HeatStrip($("heat")); stressChart = new StressChart($("stress-chart")); }
-  socket.emit("subscribe", { session_id: id }, ack => {
-    if (ack.error) { say(ack.error.message); return; }
-    history = ack.recent.slice(-MAX_HISTORY);
+  monitor.subscribe(id).then(recent => {
+    history = recent.slice(-MAX_HISTORY);
     redraw();
-  });
+  }, err => say(err.details.message || err.message));
   renderTable();
 }
 
-function connect() {
-  if (socket) socket.disconnect();
-  socket = io({ auth: { token: token || null }, transports: ["websocket"] });
-  socket.on("connect", () => {
-    setConnection("connected", "online");
-    socket.emit("subscribe", {}, ack => {
-      if (ack.error) { say(`${ack.error.message}.`); setConnection("no access", "error"); return; }
-      $("errors").replaceChildren();
-      sessions.clear();
-      for (const s of ack.sessions) sessions.set(s.session_id, s);
-      renderTable();
-      loadAlerts();
-      if (selected) select(selected);
-    });
-  });
-  socket.on("disconnect", () => setConnection("reconnecting…", "warn"));
-  socket.on("connect_error", err => {
-    if (err.data && err.data.code === "UNAUTHORIZED") {
+function onResult(r) {
+  if (r.session_id !== selected) return;
+  history.push(r);
+  if (history.length > MAX_HISTORY) history.shift();
+  if (r.track && !$("tracks").querySelector(`[data-track="${r.track}"]`)) renderTracks();
+  if (track && r.track !== track) return;
+  heat.push(r);
+  stressChart.push(r);
+  showResult(r);
+}
+
+async function connect() {
+  if (monitor) monitor.close();
+  monitor = null;
+  let opened;
+  const listed = sessionsList => {  // at connect and at every reconnect
+    $("errors").replaceChildren();
+    sessions.clear();
+    for (const s of sessionsList) sessions.set(s.session_id, s);
+    renderTable();
+    loadAlerts();
+    if (selected && opened) select(selected);
+  };
+  try {
+    opened = await watch({ url: location.origin, token: token || null });
+  } catch (err) {
+    if (err.code === "UNAUTHORIZED" && !err.details.message) {  // refused at connect
       setConnection("token needed", "error");
       say("The monitor needs an API token: enter it at the top right.");
-      socket.disconnect();
+    } else if (err.code === "UNAUTHORIZED") {  // connected, but may not list sessions
+      say(`${err.details.message || err.message}.`);
+      setConnection("no access", "error");
     } else setConnection("unreachable — retrying", "error");
-  });
-  socket.on("session_update", u => {
+    return;
+  }
+  monitor = opened;
+  setConnection("connected", "online");
+  monitor.on("sessions", listed);
+  monitor.on("connected", () => setConnection("connected", "online"));
+  monitor.on("reconnecting", e => setConnection(e.attempt > 0 ? "unreachable — retrying" : "reconnecting…", e.attempt > 0 ? "error" : "warn"));
+  monitor.on("session", u => {
     if (u.event === "ended") sessions.delete(u.session_id);
     else sessions.set(u.session_id, u);
     renderTable();
   });
-  socket.on("emotion_result", r => {
-    if (r.session_id !== selected) return;
-    history.push(r);
-    if (history.length > MAX_HISTORY) history.shift();
-    if (r.track && !$("tracks").querySelector(`[data-track="${r.track}"]`)) renderTracks();
-    if (track && r.track !== track) return;
-    heat.push(r);
-    stressChart.push(r);
-    showResult(r);
-  });
-  socket.on("alert", onAlert);
-  socket.on("error", e => say(`Server error ${e.code}: ${e.message}`));
+  monitor.on("result", onResult);
+  monitor.on("alert", onAlert);
+  monitor.on("error", e => say(`Server error ${e.code}: ${e.details.message || e.message}`));
+  listed(monitor.sessions);
 }
 
 $("token").addEventListener("change", e => {

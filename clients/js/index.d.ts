@@ -112,3 +112,45 @@ export declare class Session {
 }
 
 export declare function connect(options: ConnectOptions): Promise<Session>;
+
+export interface SessionState {
+  event?: "started" | "updated" | "ended" | string;
+  session_id: string;
+  source: string;
+  started_at: number;
+  audio_s: number;
+  connected: boolean;
+  meta?: Record<string, unknown>;
+  last?: Result | null;
+  [field: string]: unknown;
+}
+
+export interface MonitorEvents {
+  sessions: SessionState[];
+  session: SessionState;
+  result: Result;
+  alert: Alert;
+  error: VoxaffectError;
+  reconnecting: { reason: string; attempt: number };
+  connected: Record<string, never>;
+}
+
+export interface WatchOptions {
+  url: string;
+  token?: string | (() => string | Promise<string>);
+  all?: boolean; // subscribe to the list of every live session (a supervisor token); default true
+  timeoutMs?: number;
+  socketOptions?: Record<string, unknown>;
+}
+
+export declare class Monitor {
+  readonly subscribed: Set<string>;
+  readonly sessions: SessionState[]; // as of the last (re)connect
+  on<E extends keyof MonitorEvents>(event: E, listener: (payload: MonitorEvents[E]) => void): this;
+  off<E extends keyof MonitorEvents>(event: E, listener: (payload: MonitorEvents[E]) => void): this;
+  subscribe(sessionId: string, options?: { timeoutMs?: number }): Promise<Result[]>;
+  unsubscribe(sessionId: string): void;
+  close(): void;
+}
+
+export declare function watch(options: WatchOptions): Promise<Monitor>;

@@ -59,7 +59,7 @@ def test_the_js_client_passes_its_tests_against_the_server(js_server, tmp_path):
         timeout=240,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "# pass 4" in run.stdout and "# fail 0" in run.stdout
+    assert "# pass 5" in run.stdout and "# fail 0" in run.stdout
 
 
 def test_the_readme_quick_starts_type_check_against_the_package_types():

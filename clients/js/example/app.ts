@@ -23,3 +23,16 @@ export async function softphone(call: MediaStream, token: string) {
   const mic = await startMic({ stream: call, onChunk: pcm => session.send(pcm) });
   return { session, mic };
 }
+
+// A supervisor's dashboard: every live session, then one call's results.
+export async function dashboard(token: string) {
+  const { watch } = await import("voxaffect-client");
+  const monitor = await watch({ url: "https://voxaffect.example.com", token });
+  monitor.on("session", s => console.log(s.session_id, s.last?.stress.level));
+  const first = monitor.sessions[0];
+  if (first) {
+    const recent = await monitor.subscribe(first.session_id);
+    monitor.on("result", r => console.log(r.track, r.emotion, recent.length));
+  }
+  return monitor;
+}

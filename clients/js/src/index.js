@@ -237,3 +237,101 @@ export async function connect(options) {
   });
   return session;
 }
+
+export class Monitor {
+  /** @internal use watch() */
+  constructor(socket) {
+    this.socket = socket;
+    this._listeners = new Map();
+    this.subscribed = new Set();
+    this.sessions = []; // the live sessions as of the last (re)connect
+  }
+
+  on(event, listener) {
+    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
+    this._listeners.get(event).add(listener);
+    return this;
+  }
+
+  off(event, listener) {
+    this._listeners.get(event)?.delete(listener);
+    return this;
+  }
+
+  _emit(event, payload) {
+    for (const listener of this._listeners.get(event) || []) listener(payload);
+  }
+
+  /** One session's live results from now on; resolves to its most recent ones. */
+  async subscribe(sessionId, { timeoutMs = 30_000 } = {}) {
+    const reply = await ack(this.socket, "subscribe", { session_id: sessionId }, timeoutMs);
+    this.subscribed.add(sessionId);
+    return reply.recent;
+  }
+
+  unsubscribe(sessionId) {
+    this.subscribed.delete(sessionId);
+    this.socket.emit("unsubscribe", { session_id: sessionId });
+  }
+
+  close() {
+    this.socket.io.reconnection(false);
+    this.socket.disconnect();
+  }
+}
+
+/**
+ * A supervisor's view (a supervisor token, or a `subscribe` token for one session): `sessions`
+ * (every live session, at connect and each reconnect), `session` (a session started, changed or
+ * ended), `result` (of subscribed sessions), `alert`, `error`, `reconnecting`. Resolves once
+ * connected and subscribed to the session list (with a `subscribe` token: connected only).
+ */
+export async function watch(options) {
+  const opts = { timeoutMs: 30_000, all: true, ...options };
+  if (!opts.url) throw new TypeError("watch() needs {url}");
+  const socket = io(opts.url, {
+    transports: ["websocket"],
+    reconnectionDelay: 500,
+    reconnectionDelayMax: 5000,
+    auth: cb => {
+      const token = typeof opts.token === "function" ? opts.token() : opts.token;
+      Promise.resolve(token).then(t => cb({ token: t || null }), () => cb({ token: null }));
+    },
+    ...opts.socketOptions,
+  });
+  const monitor = new Monitor(socket);
+  socket.on("session_update", u => monitor._emit("session", u));
+  socket.on("emotion_result", r => { if (monitor.subscribed.has(r.session_id)) monitor._emit("result", r); });
+  socket.on("alert", a => monitor._emit("alert", a));
+  socket.on("error", e => monitor._emit("error", new VoxaffectError(e.code, e.message, e)));
+  const list = async () => {
+    if (!opts.all) return;
+    const reply = await ack(socket, "subscribe", {}, opts.timeoutMs);
+    monitor.sessions = reply.sessions;
+    monitor._emit("sessions", reply.sessions);
+  };
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.disconnect(); reject(new VoxaffectError("TIMEOUT", "could not connect in time")); }, opts.timeoutMs);
+    socket.once("connect", () => { clearTimeout(timer); resolve(); });
+    socket.once("connect_error", err => {
+      clearTimeout(timer);
+      socket.disconnect();
+      reject(new VoxaffectError((err && err.data && err.data.code) || "UNREACHABLE", err.message || "could not connect"));
+    });
+  });
+  try {
+    await list();
+  } catch (err) {
+    socket.disconnect();
+    throw err;
+  }
+  let attempt = 0;
+  socket.on("disconnect", reason => monitor._emit("reconnecting", { reason, attempt: 0 }));
+  socket.io.on("reconnect_attempt", n => { attempt = n; });
+  socket.io.on("reconnect_error", () => monitor._emit("reconnecting", { reason: "unreachable", attempt }));
+  socket.io.on("reconnect", () => {
+    monitor._emit("connected", {});
+    list().catch(err => monitor._emit("error", err));
+  });
+  return monitor;
+}

@@ -100,3 +100,30 @@ test("a bad token is refused, and a full reconnect buffer refuses audio with BUF
   const summary = await session.end();
   assert.equal(summary.session_id, session.id);
 });
+
+test("a supervisor watches: the live list, then one session's results; a subscribe token sees one", async () => {
+  const { watch } = await import("voxaffect-client");
+  const session = await connect({ url: URL, token: TOKEN });
+  const monitor = await watch({ url: URL, token: TOKEN });
+  assert.ok(monitor.sessions.some(s => s.session_id === session.id));
+  const results = [];
+  monitor.on("result", r => results.push(r));
+  await monitor.subscribe(session.id);
+  const res = await fetch(`${URL}/api/tokens`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${TOKEN}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ scope: "subscribe", session_id: session.id }),
+  });
+  const one = await watch({ url: URL, token: (await res.json()).token, all: false });
+  const seenByOne = [];
+  one.on("result", r => seenByOne.push(r));
+  await one.subscribe(session.id);
+  await assert.rejects(one.subscribe("another-session"), err => err.code === "UNAUTHORIZED");
+  await stream(session);
+  const summary = await session.end();
+  await sleep(500);
+  assert.equal(results.length, summary.results);
+  assert.deepEqual(seenByOne.map(r => r.seq), results.map(r => r.seq));
+  monitor.close();
+  one.close();
+});
