@@ -15,3 +15,4 @@ export interface MicOptions {
 
 export declare function startMic(options: MicOptions): Promise<Mic>;
 export declare function listMicrophones(): Promise<MediaDeviceInfo[]>;
+export declare const start: typeof startMic;

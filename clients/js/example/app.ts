@@ -36,3 +36,10 @@ export async function dashboard(token: string) {
   }
   return monitor;
 }
+
+// The microphone module as a namespace, a chosen device.
+export async function withDevice(deviceId: string, onChunk: (pcm: Int16Array) => void) {
+  const mic = await import("voxaffect-client/mic");
+  const devices = await mic.listMicrophones();
+  return mic.start({ deviceId: deviceId || devices[0]?.deviceId, onChunk });
+}

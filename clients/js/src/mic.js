@@ -49,3 +49,5 @@ export async function startMic({ deviceId, stream, chunkMs = 100, onChunk, onLev
     },
   };
 }
+
+export { startMic as start }; // import * as mic from "voxaffect-client/mic"; mic.start({ deviceId, onChunk })
