@@ -58,22 +58,24 @@ function ack(socket, event, data, timeoutMs) {
   });
 }
 
-export class Session {
-  /** @internal use connect() */
-  constructor(socket, options) {
-    this.socket = socket;
-    this.options = options;
-    this.id = null;
-    this.resumeToken = null;
-    this.lastSeq = 0;
-    this.config = null;
+/** The first connect, or a VoxaffectError (the server's refusal code, UNREACHABLE, TIMEOUT). */
+function connected(socket, timeoutMs) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.disconnect(); reject(new VoxaffectError("TIMEOUT", "could not connect in time")); }, timeoutMs);
+    socket.once("connect", () => { clearTimeout(timer); resolve(); });
+    socket.once("connect_error", err => {
+      clearTimeout(timer);
+      socket.disconnect();
+      const code = (err && err.data && err.data.code) || "UNREACHABLE";
+      reject(new VoxaffectError(code, err.message || "could not connect"));
+    });
+  });
+}
+
+/** Listeners by event name: what a Session and a Monitor share. */
+class Emitter {
+  constructor() {
     this._listeners = new Map();
-    this._buffer = [];
-    this._bufferBytes = 0;
-    this._live = false; // started or resumed on the current connection
-    this._ended = false;
-    this._summary = null;
-    this._summaryWaiters = [];
   }
 
   on(event, listener) {
@@ -89,6 +91,25 @@ export class Session {
 
   _emit(event, payload) {
     for (const listener of this._listeners.get(event) || []) listener(payload);
+  }
+}
+
+export class Session extends Emitter {
+  /** @internal use connect() */
+  constructor(socket, options) {
+    super();
+    this.socket = socket;
+    this.options = options;
+    this.id = null;
+    this.resumeToken = null;
+    this.lastSeq = 0;
+    this.config = null;
+    this._buffer = [];
+    this._bufferBytes = 0;
+    this._live = false; // started or resumed on the current connection
+    this._ended = false;
+    this._summary = null;
+    this._summaryWaiters = [];
   }
 
   /** Queue audio in the session's encoding; false if the reconnect buffer is full. */
@@ -193,16 +214,7 @@ export async function connect(options) {
   socket.on("emotion_result", r => session._result(r));
   socket.on("session_summary", s => session._summaryArrived(s));
 
-  await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => { socket.disconnect(); reject(new VoxaffectError("TIMEOUT", "could not connect in time")); }, opts.timeoutMs);
-    socket.once("connect", () => { clearTimeout(timer); resolve(); });
-    socket.once("connect_error", err => {
-      clearTimeout(timer);
-      socket.disconnect();
-      const code = (err && err.data && err.data.code) || "UNREACHABLE";
-      reject(new VoxaffectError(code, err.message || "could not connect"));
-    });
-  });
+  await connected(socket, opts.timeoutMs);
   const start = opts.resumeToken
     ? { resume_token: opts.resumeToken, session_id: opts.sessionId, since_seq: opts.sinceSeq || 0 }
     : { session_id: opts.sessionId, sample_rate: opts.sampleRate, encoding: opts.encoding, channels: opts.channels, options: opts.options };
@@ -238,28 +250,13 @@ export async function connect(options) {
   return session;
 }
 
-export class Monitor {
+export class Monitor extends Emitter {
   /** @internal use watch() */
   constructor(socket) {
+    super();
     this.socket = socket;
-    this._listeners = new Map();
     this.subscribed = new Set();
     this.sessions = []; // the live sessions as of the last (re)connect
-  }
-
-  on(event, listener) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(listener);
-    return this;
-  }
-
-  off(event, listener) {
-    this._listeners.get(event)?.delete(listener);
-    return this;
-  }
-
-  _emit(event, payload) {
-    for (const listener of this._listeners.get(event) || []) listener(payload);
   }
 
   /** One session's live results from now on; resolves to its most recent ones. */
@@ -310,15 +307,7 @@ export async function watch(options) {
     monitor.sessions = reply.sessions;
     monitor._emit("sessions", reply.sessions);
   };
-  await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => { socket.disconnect(); reject(new VoxaffectError("TIMEOUT", "could not connect in time")); }, opts.timeoutMs);
-    socket.once("connect", () => { clearTimeout(timer); resolve(); });
-    socket.once("connect_error", err => {
-      clearTimeout(timer);
-      socket.disconnect();
-      reject(new VoxaffectError((err && err.data && err.data.code) || "UNREACHABLE", err.message || "could not connect"));
-    });
-  });
+  await connected(socket, opts.timeoutMs);
   try {
     await list();
   } catch (err) {
