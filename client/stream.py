@@ -7,7 +7,9 @@
 
 If the connection drops, the client reconnects, resumes its session with the resume token and
 the last ``seq`` it holds, and sends the chunks it could not send meanwhile: the server replays
-every result produced while it was away, and the client drops any it already has.
+every result produced while it was away, and the client drops any it already has. A draining
+node says so first (``DRAINING`` with ``resume``): the client holds its audio until it has
+reconnected — through the load balancer, to another node — and resumed there.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class StreamClient:
         self._summary_event = threading.Event()
         self._resumed = threading.Event()
         self._resumed.set()
+        self._moving = False  # the node said it hands the session off (DRAINING, resume)
         self.sio = socketio.Client(reconnection=True, reconnection_delay=0.5)
         self.sio.on("emotion_result", self._result)
         self.sio.on("vad", lambda d: self.on_vad and self.on_vad(d))
@@ -143,6 +146,21 @@ class StreamClient:
     def _disconnected(self, *_: Any) -> None:
         if self.resume_token is not None:
             self._resumed.clear()  # sending and ending wait until the session is resumed
+        if self._moving:  # a disconnect by the server is not retried by python-socketio
+            self._moving = False
+            self.sio.start_background_task(self._reconnect)
+
+    def _reconnect(self) -> None:
+        """Connect again (the load balancer picks a ready node); resuming follows on connect."""
+        delay_s = 0.5
+        deadline = time.monotonic() + self.timeout_s * 6
+        while time.monotonic() < deadline:
+            try:
+                self.connect()
+                return
+            except socketio.exceptions.ConnectionError:
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 5.0)
 
     def _connected(self) -> None:
         if self.resume_token is None:
@@ -172,6 +190,9 @@ class StreamClient:
             self.on_result(data)
 
     def _error(self, data: dict[str, Any]) -> None:
+        if data.get("code") == "DRAINING" and data.get("resume"):
+            self._moving = True  # hold the audio: the server disconnects, we resume elsewhere
+            self._resumed.clear()
         self.errors.append(data)
         if self.on_error:
             self.on_error(data)

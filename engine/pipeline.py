@@ -132,6 +132,31 @@ class Summary:
         else:
             heapq.heappushpop(self._peaks, item)
 
+    def state(self) -> dict[str, Any]:
+        """The running totals as JSON values, for :meth:`restore` in another process."""
+        return {
+            "windows": self.windows,
+            "scores": [float(v) for v in self._scores],
+            "dominant": dict(self._dominant),
+            "stress_sum": self._stress_sum,
+            "stress_max": self._stress_max,
+            "peaks": [list(p) for p in self._peaks],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (:meth:`state` of the same labels)."""
+        scores = [float(v) for v in state["scores"]]
+        if len(scores) != len(self.labels):
+            raise ValueError("a summary state of other labels")
+        self.windows = int(state["windows"])
+        self._scores = np.asarray(scores, dtype=np.float64)
+        self._dominant.update({str(k): int(v) for k, v in state["dominant"].items()})
+        self._stress_sum = float(state["stress_sum"])
+        self._stress_max = float(state["stress_max"])
+        peaks = [(float(i), float(s), float(e)) for i, s, e in state["peaks"]][: self.PEAKS]
+        heapq.heapify(peaks)
+        self._peaks = peaks
+
     def as_dict(self) -> dict[str, Any]:
         n = max(self.windows, 1)
         mix = {
@@ -153,7 +178,11 @@ class Summary:
 
 
 class StreamPipeline:
-    """Decoder, ring buffer, VAD, window scheduler and stress scorer of one stream (one track)."""
+    """Decoder, ring buffer, VAD, window scheduler and stress scorer of one stream (one track).
+
+    A finished pipeline's :meth:`checkpoint` lets another process continue the stream (a
+    session handed over by a draining node): ``StreamPipeline(..., resume=state)`` starts at the
+    position the first one reached, with its speaker baseline, smoothed index and totals."""
 
     def __init__(
         self,
@@ -162,6 +191,7 @@ class StreamPipeline:
         *,
         labels: tuple[str, ...],
         narrowband: bool | None = None,
+        resume: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.format = fmt or AudioFormat()
@@ -169,15 +199,23 @@ class StreamPipeline:
         self.narrowband = (
             self.format.sample_rate < SAMPLE_RATE if narrowband is None else narrowband
         )
+        frame = SAMPLE_RATE * config.vad_frame_ms // 1000
+        # a continued stream starts on the VAD's frame grid (at most one frame past the position
+        # the first process reached; that much audio had never made a whole frame there)
+        start = -(-int(resume["position"]) // frame) * frame if resume else 0
         self._decoder = StreamDecoder(self.format)
-        self._ring = RingBuffer(int(config.buffer_s * SAMPLE_RATE))
+        self._ring = RingBuffer(int(config.buffer_s * SAMPLE_RATE), start=start)
         self._vad = VadGate(
             frame_ms=config.vad_frame_ms,
             aggressiveness=config.vad_aggressiveness,
             capacity_s=config.buffer_s,
+            start_frame=start // frame,
         )
         self._scheduler = WindowScheduler(
-            window_s=config.window_s, hop_s=config.hop_s, min_speech_ratio=config.min_speech_ratio
+            window_s=config.window_s,
+            hop_s=config.hop_s,
+            min_speech_ratio=config.min_speech_ratio,
+            start=start,
         )
         self.scorer = StressScorer(
             warmup=config.baseline_windows,
@@ -186,7 +224,23 @@ class StreamPipeline:
         )
         self.summary = Summary(labels)
         self.skipped_silence = 0
+        self._speech_before = 0.0  # speech seconds of the process this stream continues
         self.finished = False
+        if resume:
+            self.summary.restore(resume["summary"])
+            self.scorer.restore(resume["scorer"])
+            self.skipped_silence = int(resume["skipped_silence"])
+            self._speech_before = float(resume["speech_s"])
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What another process needs to continue this stream (JSON values); after finish()."""
+        return {
+            "position": self._ring.end,
+            "speech_s": self.speech_s,
+            "skipped_silence": self.skipped_silence,
+            "summary": self.summary.state(),
+            "scorer": self.scorer.state(),
+        }
 
     @property
     def audio_s(self) -> float:
@@ -194,7 +248,7 @@ class StreamPipeline:
 
     @property
     def speech_s(self) -> float:
-        return self._vad.speech_frames * self._vad.frame_samples / SAMPLE_RATE
+        return self._speech_before + self._vad.speech_frames * self._vad.frame_samples / SAMPLE_RATE
 
     @property
     def in_speech(self) -> bool:

@@ -1,6 +1,7 @@
 """A preallocated, bounded ring of float32 samples addressed by absolute stream position.
 
-Position 0 is the first sample the stream ever wrote; ``end`` is one past the last. Only the most
+Position 0 is the first sample the stream ever wrote (or ``start``, for a stream continued from
+another process); ``end`` is one past the last. Only the most
 recent ``capacity`` samples can be read back, so memory stays flat however long the stream runs.
 """
 
@@ -10,17 +11,18 @@ import numpy as np
 
 
 class RingBuffer:
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, start: int = 0) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = capacity
         self._data = np.zeros(capacity, dtype=np.float32)
-        self.end = 0
+        self._first = start
+        self.end = start
 
     @property
     def start(self) -> int:
         """Oldest position still held."""
-        return max(0, self.end - self.capacity)
+        return max(self._first, self.end - self.capacity)
 
     def write(self, samples: np.ndarray) -> None:
         n = int(samples.shape[0])

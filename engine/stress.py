@@ -140,6 +140,20 @@ class Baseline:
             if math.isfinite(value):
                 values.append(value)
 
+    def state(self) -> dict[str, Any]:
+        return {
+            "windows": self.windows,
+            "masses": list(self._masses),
+            "values": {name: list(values) for name, values in self._values.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.windows = int(state["windows"])
+        self._masses.extend(float(m) for m in state["masses"][-BASELINE_MAX:])
+        for name, values in state["values"].items():
+            if name in self._values:  # a measure this model no longer uses is left out
+                self._values[name].extend(float(v) for v in values[-BASELINE_MAX:])
+
     def mass(self) -> float:
         """The speaker's usual high-arousal negative mass (the emotion model's, on calm speech)."""
         n, k = len(self._masses), PRIOR_WINDOWS
@@ -191,6 +205,16 @@ class StressScorer:
     @property
     def calibrating(self) -> bool:
         return self.baseline.windows < self.baseline.warmup
+
+    def state(self) -> dict[str, Any]:
+        """The speaker's baseline and the smoothed index, as JSON values."""
+        return {"baseline": self.baseline.state(), "smoothed": self._smoothed}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`: the baseline is not learnt again."""
+        self.baseline.restore(state["baseline"])
+        smoothed = state.get("smoothed")
+        self._smoothed = None if smoothed is None else float(smoothed)
 
     def update(
         self,

@@ -71,6 +71,7 @@ class VadGate:
         onset_ms: int = 60,
         hangover_ms: int = 300,
         capacity_s: float = 60.0,
+        start_frame: int = 0,
     ) -> None:
         if frame_ms not in FRAME_MS_CHOICES:
             raise ValueError(f"frame_ms must be one of {FRAME_MS_CHOICES}, got {frame_ms}")
@@ -84,7 +85,7 @@ class VadGate:
         self._flags = np.zeros(self._capacity, dtype=np.uint8)
         self._history = np.zeros(_ANALYSIS_SAMPLES, dtype=np.float32)
         self._pending = np.zeros(0, dtype=np.float32)
-        self.frames = 0  # frames decided so far
+        self.frames = start_frame  # frames decided so far (a continued stream: from its start)
         self.in_speech = False
         self.speech_frames = 0  # smoothed speech frames since the stream started
         self._run = 0  # consecutive voiced speech frames while not in speech

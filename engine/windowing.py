@@ -48,7 +48,12 @@ class Due:
 
 class WindowScheduler:
     def __init__(
-        self, *, window_s: float = 2.0, hop_s: float = 1.0, min_speech_ratio: float = 0.3
+        self,
+        *,
+        window_s: float = 2.0,
+        hop_s: float = 1.0,
+        min_speech_ratio: float = 0.3,
+        start: int = 0,
     ) -> None:
         if window_s <= 0 or hop_s <= 0:
             raise ValueError(f"window_s and hop_s must be positive, got {window_s}, {hop_s}")
@@ -57,8 +62,9 @@ class WindowScheduler:
         self.window_samples = round(window_s * SAMPLE_RATE)
         self.hop_samples = round(hop_s * SAMPLE_RATE)
         self.min_speech_ratio = min_speech_ratio
-        self._next_start = 0
-        self.covered_until = 0  # end of the last window sent to the model
+        self._first = start
+        self._next_start = start  # a continued stream's first window starts where it resumed
+        self.covered_until = start  # end of the last window sent to the model
 
     def due(self, stream_end: int, vad: VadGate) -> Due:
         """Windows that end at or before ``stream_end`` and have not been considered yet."""
@@ -78,7 +84,7 @@ class WindowScheduler:
         """The final window at end of stream, if speech after the last window is uncovered."""
         if stream_end <= self.covered_until or not vad.has_speech(self.covered_until, stream_end):
             return None
-        start = max(0, stream_end - self.window_samples)
+        start = max(self._first, stream_end - self.window_samples)
         ratio = vad.speech_ratio(start, stream_end)
         if ratio < self.min_speech_ratio:
             return None

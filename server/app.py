@@ -34,6 +34,7 @@ from server.edges.telephony import calls as telephony
 from server.edges.telephony.calls import TelephonyEdge
 from server.runtime import ThreadRuntime
 from server.service import Service, WrapPredictor
+from server.sessions import wire
 from server.sessions.claims import RedisClaims
 from server.sessions.events import EventBus
 from server.sessions.factory import SessionFactory
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 RETENTION_EVERY_S = 3600.0
 CLAIM_RENEW_S = 3600.0  # running sessions' cross-node id claims are renewed this often
 HUB_TICK_S = 0.05
+HANDOFF_SWEEP_S = 30.0  # how often a node closes handed-off sessions nobody continued
+HAND_ON_S = 0.3  # a stopping node's last emits and disconnects go out meanwhile
 
 
 @dataclass
@@ -63,11 +66,15 @@ class App:
     bus: EventBus
     telephony: TelephonyEdge
 
-    def end_all(self, reason: str, timeout_s: float = 5.0) -> None:
-        """End every session (their summaries are stored) and wait for them, up to a limit."""
+    def end_all(self, reason: str, timeout_s: float = 5.0, *, hand_off: bool = False) -> None:
+        """End every session (their summaries are stored) and wait for them, up to a limit;
+        with ``hand_off``, leave each for another node to continue instead."""
         runners = self.service.registry.all()
         for runner in runners:
-            runner.end(reason)
+            owner = runner.session.owner
+            if hand_off and owner is not None:  # hold your audio: reconnect and resume next
+                self.socketio.emit("error", wire.hand_off_notice(runner.session.id), to=owner)
+            runner.end(reason, hand_off=hand_off)
         deadline = time.monotonic() + timeout_s
         while any(not r.done.is_set() for r in runners) and time.monotonic() < deadline:
             self.socketio.sleep(0.05)
@@ -126,7 +133,7 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
     flask.wsgi_app = EdgeGuard(  # type: ignore[method-assign]
         flask.wsgi_app, settings, lambda reason: metrics.connections_refused.labels(reason).inc()
     )
-    room = RoomPublisher(socketio.emit, socketio.close_room)
+    room = RoomPublisher(socketio.emit, socketio.close_room, socketio.server.disconnect)
     bus = EventBus(
         runtime,
         [
@@ -209,6 +216,8 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         return send_from_directory(static, "favicon.svg", mimetype="image/svg+xml")
 
     renewed = [time.monotonic()]
+    swept = [time.monotonic()]
+    abandoned_after_s = max(settings.resume_ttl_s, settings.call_rejoin_s) + HANDOFF_SWEEP_S
 
     def housekeeping() -> None:
         while True:
@@ -217,6 +226,9 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
                 if claims is not None and time.monotonic() - renewed[0] > CLAIM_RENEW_S:
                     renewed[0] = time.monotonic()
                     claims.renew(r.session.id for r in service.registry.all())
+                if time.monotonic() - swept[0] > HANDOFF_SWEEP_S:
+                    swept[0] = time.monotonic()
+                    runtime.offload(service.close_abandoned_handoffs, abandoned_after_s)
                 for runner, reason in service.registry.expired(
                     resume_ttl_s=settings.resume_ttl_s,
                     idle_timeout_s=settings.idle_timeout_s,
@@ -279,14 +291,16 @@ def serve(
         service.ready = False
         app.end_all("server stopping")
         app.bus.close()
-        service.close()
+        service.close()  # the store's last commits hand their events on to the clients
+        runtime.sleep(HAND_ON_S)  # and those emits and disconnects go out
         log.info("stopped")
         logging.shutdown()
         os._exit(0)  # the WSGI loop has no clean way out from a background task
 
     def drain() -> None:
         """Not ready, new sessions refused (DRAINING); exit once the running sessions have
-        ended, or after ``drain_timeout_s`` (the rest end as "server stopping")."""
+        ended, or after ``drain_timeout_s``: the rest are handed off, each client told to
+        resume (another node continues the session from its stored state)."""
         service.drain()
         deadline = time.monotonic() + settings.drain_timeout_s
         log.info(
@@ -295,6 +309,9 @@ def serve(
         )
         while len(service.registry) and time.monotonic() < deadline:
             runtime.sleep(0.2)
+        if len(service.registry):
+            log.info("handing off the running sessions", extra={"sessions": len(service.registry)})
+            app.end_all("handed off", hand_off=True)
         shutdown()
 
     def stop(signum: int, _: Any) -> None:

@@ -211,6 +211,22 @@ class Service:
             )
         return closed
 
+    def close_abandoned_handoffs(self, older_than_s: float) -> int:
+        """Sessions a draining node handed off that no node continued within ``older_than_s``:
+        closed with the summary they had when handed off (blocking)."""
+        closed = 0
+        for session_id in self.store.stale_handoffs(time.time() - older_than_s):
+            row = self.store.take_handoff(session_id=session_id)
+            if row is None:  # another node continued (or closed) it meanwhile
+                continue
+            summary = row["handoff"].get("summary") or {"session_id": session_id}
+            self.store.close_session(session_id, summary, ended_at=time.time())
+            self.metrics.handoffs.labels("abandoned").inc()
+            closed += 1
+        if closed:
+            log.warning("closed handed-off sessions nobody continued", extra={"sessions": closed})
+        return closed
+
     def describe_store(self) -> dict[str, Any]:
         return {
             "backend": self.store.backend,

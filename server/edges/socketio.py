@@ -292,7 +292,16 @@ class StreamNamespace(Namespace):
     def _resume(
         self, token: str, session_id: str | None, since_seq: int, scope: Scope | None = None
     ) -> dict[str, Any]:
+        if scope is not None and scope.scope != "resume":
+            raise self.tokens.out_of_scope(scope, "resume a session")
         runner = self.registry.by_token(token)
+        if runner is None:  # handed off by a draining node? Then it continues here
+            runner = self.factory.reopen(
+                resume_token=token,
+                session_id=scope.session_id if scope is not None else session_id,
+                owner=_sid(),
+                client=client_address(self.settings, request.environ),
+            )
         if runner is None or runner.session.ended:
             raise ProtocolError(
                 "UNKNOWN_SESSION", "no session to resume with that token (expired or ended)"
@@ -337,6 +346,12 @@ class StreamNamespace(Namespace):
     def on_audio_stream(self, data: Any) -> None:
         s = self.settings
         session_id, raw = parse_chunk(data, s.max_chunk_bytes)
+        handing_off = self.registry.get(session_id)
+        if handing_off is not None and handing_off.handing_off:
+            # sent before its client heard to hold (a round trip): the node that continues the
+            # session never gets it; counted, not answered (the client is being moved)
+            self.metrics.messages_dropped.labels("handoff").inc()
+            return
         runner = self.registry.owned(session_id, _sid())
         session = runner.session
         seconds = chunk_seconds(raw, session.format)

@@ -1,11 +1,11 @@
 """What a session runner tells the rest of the server, and how it reaches them.
 
 A runner publishes typed events — ``Started``, ``Result``, ``VadChange``, ``Skipped``, ``Error``,
-``Ended``, and ``Disconnected`` from the edges — on an :class:`EventBus`. Each subscriber (socket
-rooms, the store, metrics, the monitor, alert rules) has a mailbox of its own: a bounded queue
-drained by its own greenthread, in order. Publishing never blocks, so a slow subscriber never
-holds back the runner or the others; a subscriber that falls ``queue_size`` events behind loses
-the oldest, and each loss is counted.
+``Ended`` (or ``HandedOff``, when a draining node passes it on), and ``Disconnected`` from the edges
+— on an :class:`EventBus`. Each subscriber (socket rooms, the store, metrics, the monitor, alert
+rules) has a mailbox of its own: a bounded queue drained by its own greenthread, in order.
+Publishing never blocks, so a slow subscriber never holds back the runner or the others; a
+subscriber that falls ``queue_size`` events behind loses the oldest, and each loss is counted.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SKIP_REASONS = ("silence", "expired")  # why a due window was not analysed
 class Started:
     session: Session
     config: dict[str, Any]
+    continued: bool = False  # a session another node handed off, continued here
 
 
 @dataclass(slots=True, eq=False)
@@ -72,11 +73,21 @@ class Ended:
 
 
 @dataclass(slots=True, eq=False)
+class HandedOff:
+    """A draining node stopped a running session for another node to continue: ``state`` is
+    what that node needs (server/sessions/factory.py, ``reopen``), with the summary the session
+    gets if nobody continues it."""
+
+    session: Session
+    state: dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
 class Disconnected:
     session: Session
 
 
-Event = Started | Result | VadChange | Skipped | Error | Ended | Disconnected
+Event = Started | Result | VadChange | Skipped | Error | Ended | HandedOff | Disconnected
 
 
 class Subscriber(Protocol):

@@ -148,9 +148,108 @@ class SessionFactory:
         except BaseException:
             self.registry.release(session_id)
             raise
+        runner = self._runner(session, self._tracks(fmt, parties or [None]))
+        self.publish(Started(session, config))
+        self.runtime.spawn(runner.run)
+        log.info(
+            "session started",
+            extra={"session_id": session_id, "source": source, "format": fmt},
+        )
+        return runner
+
+    def reopen(
+        self,
+        *,
+        resume_token: str | None = None,
+        session_id: str | None = None,
+        source: str | None = None,
+        owner: str | None = None,
+        client: str = "",
+        connection: Any = None,
+    ) -> SessionRunner | None:
+        """Continue here a session a draining node handed off: found by the resume token its
+        client presents (and the session id, when given), or by a rejoining call's id. The
+        same id; ``seq`` goes on from the stored maximum; every track starts where it stopped,
+        with its speaker baseline, smoothed index and totals. None if the store holds no such
+        handoff (or another node took it first)."""
+        self._admit()
+        try:
+            row = self.runtime.offload(
+                self.store.take_handoff,
+                session_id=session_id,
+                reader_sha256=None if resume_token is None else reader_hash(resume_token),
+                source=source,
+            )
+        except StoreUnavailable:
+            return None
+        if row is None:
+            return None
+        session_id, state, config = row["session_id"], row["handoff"], row["config"]
+        try:
+            self.registry.reserve(session_id)
+        except ProtocolError:  # full (or the id is this node's own ended one): leave it be
+            self.store.hand_off(session_id, state, at=time.time(), then=lambda: None)
+            raise
+        try:
+            fmt = AudioFormat(
+                sample_rate=int(config["sample_rate"]),
+                encoding=str(config["encoding"]),
+                channels=int(config["channels"]),
+            )
+            now = self._clock()
+            audio_s = float(state["audio_s"])
+            session = Session(
+                id=session_id,
+                source=row["source"],
+                format=fmt,
+                results_kept=self.settings.results_kept,
+                embeddings=self.settings.embeddings,
+                meta=row["meta"],
+                owner=owner,
+                client=client,
+                connection=connection,
+                started=now - audio_s,  # its audio so far counts as real time
+                started_wall=float(row["started_at"]),
+                last_audio=now,
+                audio_s=audio_s,
+                seq=int(state["seq"]),
+                published_seq=int(state["seq"]),
+            )
+            if resume_token is not None:
+                session.token = resume_token
+            pipeline_config = self.settings.pipeline_config()
+            tracks = {}
+            for name, saved in state["tracks"].items():
+                party = name or None
+                track = Track(
+                    party,
+                    StreamPipeline(
+                        pipeline_config, fmt, labels=self.labels, resume=saved["pipeline"]
+                    ),
+                )
+                track.restore(saved)
+                tracks[party] = track
+        except (KeyError, TypeError, ValueError) as exc:  # a state this version cannot read
+            self.registry.release(session_id)
+            log.error(
+                "a handed-off session's state cannot be read",
+                extra={"session_id": session_id, "error": str(exc)[:200]},
+            )
+            self.store.close_session(session_id, state.get("summary", {}), ended_at=time.time())
+            return None
+        runner = self._runner(session, tracks)
+        self.publish(Started(session, self.config(fmt), continued=True))
+        self.runtime.spawn(runner.run)
+        log.info(
+            "session continued from another node",
+            extra={"session_id": session_id, "seq": session.seq, "audio_s": round(audio_s, 1)},
+        )
+        return runner
+
+    def _runner(self, session: Session, tracks: dict[str | None, Track]) -> SessionRunner:
         runner = SessionRunner(
             session,
-            self._tracks(fmt, parties or [None]),
+            tracks,
             analyse=self.analyser,
             publish=self.publish,
             runtime=self.runtime,
@@ -161,12 +260,6 @@ class SessionFactory:
             on_done=self.registry.remove,
         )
         self.registry.add(runner)
-        self.publish(Started(session, config))
-        self.runtime.spawn(runner.run)
-        log.info(
-            "session started",
-            extra={"session_id": session_id, "source": source, "format": fmt},
-        )
         return runner
 
     def _admit(self) -> None:

@@ -7,9 +7,11 @@ as typed events (server/sessions/events.py); subscribers send, store and count t
 
 Lifecycle: ``push`` (refused once ended, and refused while ``inbox_max_bytes`` wait unread),
 ``end(reason)``, after which the worker (``run``, one greenthread) decodes what is still queued,
-finishes every track with its final window, waits for the windows in flight, publishes ``Ended``
-and stops. A failure in one window is reported as an ``Error`` event and the session carries on;
-a failure of the worker itself still ends the session with a summary.
+finishes every track with its final window, waits for the windows in flight, publishes ``Ended`` and
+stops. ``end(reason, hand_off=True)`` does the same but publishes ``HandedOff``: every track's
+checkpoint, for another node to continue the session (a draining node's). A failure in one window is
+reported as an ``Error`` event and the session carries on; a failure of the worker itself still ends
+the session with a summary.
 
 Window policy: every window that comes due is submitted at once, with a deadline — the moment
 its audio arrived plus ``latency_budget_s`` — and its track as the batcher's fairness key. The
@@ -41,7 +43,7 @@ from engine.windowing import Window
 from server.runtime import ThreadRuntime
 from server.sessions import wire
 from server.sessions.analysis import Analysis, AnalysisError
-from server.sessions.events import Ended, Error, Event, Result, Skipped, VadChange
+from server.sessions.events import Ended, Error, Event, HandedOff, Result, Skipped, VadChange
 from server.sessions.session import Session
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,24 @@ class Track:
     def idle(self) -> bool:
         return not self.inflight
 
+    def checkpoint(self) -> dict[str, Any]:
+        """The finished track's state for another node (JSON values)."""
+        return {
+            "pipeline": self.pipeline.checkpoint(),
+            "expired": self.expired,
+            "failed": self.failed,
+            "last_start_s": self.last_start_s,
+            "speech": [list(s) for s in self.speech.segments],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The counters and speech of :meth:`checkpoint` (the pipeline is built from it)."""
+        self.expired = int(state["expired"])
+        self.failed = int(state["failed"])
+        last = state.get("last_start_s")
+        self.last_start_s = None if last is None else float(last)
+        self.speech.segments = [(float(a), float(b)) for a, b in state["speech"]]
+
 
 class SessionRunner:
     def __init__(
@@ -146,6 +166,7 @@ class SessionRunner:
         self._inbox: deque[_Audio] = deque()
         self._inbox_bytes = 0  # audio waiting, plus INBOX_ITEM_BYTES per item
         self._end_reason: str | None = None  # once end() was called
+        self._hand_off = False
         self._cond = threading.Condition()  # guards the inbox and every track's windows
         fmt = session.format
         self._frame_bytes = (
@@ -199,15 +220,22 @@ class SessionRunner:
             self._inbox_bytes += cost
             self._cond.notify_all()
 
+    @property
+    def handing_off(self) -> bool:
+        """Ended for another node to continue (``end(..., hand_off=True)``)."""
+        return self._hand_off
+
     def _joinable(self, data: bytes | bytearray) -> bool:
         return bool(self._frame_bytes) and len(data) % self._frame_bytes == 0
 
-    def end(self, reason: str) -> None:
-        """No more audio: analyse what is queued, then publish the summary. Idempotent."""
+    def end(self, reason: str, *, hand_off: bool = False) -> None:
+        """No more audio: analyse what is queued, then publish the summary (or, ``hand_off``,
+        the state another node continues from). Idempotent."""
         if not self.session.ended:
             self.session.ended = True
             with self._cond:
                 self._end_reason = reason
+                self._hand_off = hand_off
                 self._cond.notify_all()
 
     # --- the worker --------------------------------------------------------------------------
@@ -306,6 +334,16 @@ class SessionRunner:
             {t.name or "speaker": t.speech.segments for t in self.tracks.values()},
             max((t.pipeline.audio_s for t in self.tracks.values()), default=0.0),
         )
+        if self._hand_off:
+            session = self.session
+            state = {  # the resume token is not in it: the store keeps only its hash
+                "seq": session.seq,
+                "audio_s": session.audio_s,
+                "tracks": {t.name or "": t.checkpoint() for t in self.tracks.values()},
+                "summary": {**summary, "reason": "not continued"},
+            }
+            self._publish(HandedOff(session, state))
+            return
         self._publish(Ended(self.session, reason, summary))
 
     def _wait_idle(self) -> None:

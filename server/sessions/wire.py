@@ -107,6 +107,16 @@ def error(code: str, message: str, session_id: str | None = None) -> dict[str, A
     return out
 
 
+def hand_off_notice(session_id: str) -> dict[str, Any]:
+    """What a client hears when its node drains: hold the audio, then (once disconnected)
+    reconnect and resume; another node continues the session."""
+    message = (
+        "this node is shutting down; the session continues on another node: hold your audio, "
+        "then reconnect and resume (start_session with the resume_token and the last seq you have)"
+    )
+    return {**error("DRAINING", message, session_id), "retry_after_s": 1, "resume": True}
+
+
 def session_state(session: Session) -> dict[str, Any]:
     """What the monitor shows of a session."""
     return {

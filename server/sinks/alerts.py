@@ -289,14 +289,15 @@ class AlertEngine:
                 changed.append(alert)
         return changed
 
-    def on_end(self, session_id: str) -> list[Alert]:
-        """A session ended: its active alerts resolve, its state goes."""
+    def on_end(self, session_id: str, reason: str = "session ended") -> list[Alert]:
+        """A session ended (or moved to another node): its active alerts resolve, its state
+        goes."""
         changed = []
         for key in [k for k in self._states if k[0] == session_id]:
             state = self._states.pop(key)
             alert = state.active
             if alert is not None:
-                self._resolve(alert, state.last_end_s, "session ended")
+                self._resolve(alert, state.last_end_s, reason)
                 changed.append(alert)
         return changed
 

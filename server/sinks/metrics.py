@@ -115,7 +115,8 @@ class Metrics:
         self.connections = Gauge(p + "connections", "Connected clients", ["transport"], registry=r)
         self.messages_dropped = Counter(
             p + "messages_dropped",
-            "Messages dropped unread: the connection sent more than max_messages_per_s",
+            "Messages dropped unread: more than max_messages_per_s (by transport), or audio "
+            "for a session being handed off to another node (handoff)",
             ["transport"],
             registry=r,
         )
@@ -175,6 +176,13 @@ class Metrics:
             p + "scoped_tokens_refused",
             "Short-lived tokens refused: expired, bad_signature, malformed, reused or scope",
             ["reason"],
+            registry=r,
+        )
+        self.handoffs = Counter(
+            p + "session_handoffs",
+            "Sessions a draining node handed off (handed_off), continued here from another "
+            "node (continued), and handed off but never continued (abandoned)",
+            ["event"],
             registry=r,
         )
         self.talk_seconds = Counter(

@@ -23,6 +23,7 @@ from server.sessions.events import (
     Ended,
     Error,
     Event,
+    HandedOff,
     Result,
     Skipped,
     Started,
@@ -42,9 +43,15 @@ Emit = Callable[..., None]
 class RoomPublisher:
     name = "room"
 
-    def __init__(self, emit: Emit, close_room: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        close_room: Callable[[str], None],
+        disconnect: Callable[[str], None] = lambda sid: None,
+    ) -> None:
         self._emit = emit
         self._close_room = close_room
+        self._disconnect = disconnect
 
     def handle(self, event: Event) -> None:
         session = getattr(event, "session", None)
@@ -64,6 +71,13 @@ class RoomPublisher:
             self._emit("session_summary", event.summary, to=room)
             self._close_room(room)  # nobody hears a later session that reuses nothing of it
             session.summarised.set()
+        elif isinstance(event, HandedOff):  # committed: another node can continue it now
+            if session.owner is not None:  # told to hold its audio (App.end_all): it
+                self._disconnect(session.owner)  # reconnects, through the balancer, and resumes
+            call = session.connection
+            if call is not None:
+                call.hand_off()
+            session.summarised.set()  # the room stays: the session's results go on elsewhere
 
 
 class MonitorPublisher:
@@ -77,6 +91,7 @@ class MonitorPublisher:
             Started: "started",
             Result: "result",
             Ended: "ended",
+            HandedOff: "handed_off",
             Disconnected: "disconnected",
         }.get(type(event))
         if kind is not None:
@@ -103,6 +118,11 @@ class MetricsRecorder:
             m.errors.labels(event.code).inc()
         elif isinstance(event, Started):
             m.active_sessions.labels(event.session.source).inc()
+            if event.continued:
+                m.handoffs.labels("continued").inc()
+        elif isinstance(event, HandedOff):
+            m.active_sessions.labels(event.session.source).dec()
+            m.handoffs.labels("handed_off").inc()
         elif isinstance(event, Ended):
             m.active_sessions.labels(event.session.source).dec()
             dynamics = event.summary.get("dynamics")
@@ -127,6 +147,8 @@ class StoreRecorder:
             store.add_result(event.session.id, event.result, then=then)
         elif isinstance(event, Ended):
             store.close_session(event.session.id, event.summary, ended_at=time.time(), then=then)
+        elif isinstance(event, HandedOff):
+            store.hand_off(event.session.id, event.state, at=time.time(), then=then)
         elif isinstance(event, VadChange | Error):
             store.hand_on(then)
 
@@ -153,6 +175,8 @@ class AlertPublisher:
             changed = self._engine.on_result(event.result)
         elif isinstance(event, Ended):
             changed = self._engine.on_end(event.session.id)
+        elif isinstance(event, HandedOff):  # the node that continues it rings them again
+            changed = self._engine.on_end(event.session.id, "session moved to another node")
         else:
             return
         for alert in changed:

@@ -1,10 +1,13 @@
 """SIGTERM drains a node (as Kubernetes stops a pod): it stops being ready, refuses new sessions
 with DRAINING, lets every running session finish with all its results, and exits once they
-have ended — or once ``drain_timeout_s`` has passed, ending the rest as "server stopping"."""
+have ended — or once ``drain_timeout_s`` has passed, handing the rest off for another node to
+continue (tests/ops/test_postgres.py continues one on a second node)."""
 
 from __future__ import annotations
 
+import json
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -82,8 +85,16 @@ def test_a_drain_ends_at_its_timeout_and_a_second_signal_stops_at_once(
         node.proc.send_signal(signal.SIGTERM)
         assert node.proc.wait(30) == 0
         assert 2.5 < time.monotonic() - started < 20
-        summary = wait_for(lambda: client.of("session_summary"), 5, "the summary before the exit")
-        assert summary[0]["reason"] == "server stopping"
+        notice = client.errors("DRAINING")
+        assert notice and notice[0]["resume"] is True and notice[0]["session_id"] == sid
+        assert client.of("session_summary") == []  # not ended: handed off
+        with sqlite3.connect(node.db) as db:
+            handoff, owner = db.execute(
+                "SELECT handoff, node FROM sessions WHERE id = ?", (sid,)
+            ).fetchone()
+        state = json.loads(handoff)  # what another node continues from, committed before exit
+        assert owner is None and state["seq"] == len(client.of("emotion_result"))
+        assert state["tracks"][""]["pipeline"]["position"] == 32000
         client.close()
 
         again.proc.send_signal(signal.SIGTERM)

@@ -8,16 +8,29 @@ import glob
 import io
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from client.stream import StreamClient
+from tests.support.balancer import Balancer
+from tests.support.calls import party_audio
 from tests.support.client import Recorder, wait_for
 from tests.support.harness import ServerProcess, free_port, redis_server
+from tests.support.providers import (
+    AUDIOHOOK_KEY,
+    AUDIOHOOK_SECRET,
+    AudioHookClient,
+    open_parameters,
+    stereo_mulaw,
+)
 from tests.support.speech import speech, to_pcm16
 
 pytestmark = pytest.mark.ops
@@ -96,13 +109,21 @@ def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 work / f"node{i}",
                 f"--db={pg.url}",
                 f"--message-queue={queue}",
-                env={"VOXAFFECT_API_TOKENS": TOKEN},
+                "--telephony-tracks=customer,agent",
+                env={
+                    "VOXAFFECT_API_TOKENS": f"{TOKEN},{AUDIOHOOK_KEY}",
+                    "VOXAFFECT_AUDIOHOOK_CLIENT_SECRET": AUDIOHOOK_SECRET,
+                },
             )
             for i in (1, 2)
         ]
         try:
-            for node in nodes:
-                node.start()
+            starting = [threading.Thread(target=node.start) for node in nodes]  # both at once
+            for t in starting:
+                t.start()
+            for t in starting:
+                t.join()
+            assert all(node.proc is not None and node.proc.poll() is None for node in nodes)
             yield {"pg": pg, "a": nodes[0], "b": nodes[1]}
         finally:
             for node in nodes:
@@ -174,3 +195,103 @@ def test_deleting_on_one_node_deletes_for_every_node(cluster):
     client.close()
     assert b.request(f"/api/sessions/{sid}", token=TOKEN, method="DELETE")[0] == 204
     assert a.get(f"/api/sessions/{sid}", token=TOKEN)[0] == 404
+
+
+def test_sessions_cut_by_a_drain_continue_on_the_other_node_with_their_full_timelines(cluster):
+    """SIGTERM node A in the middle of a stream and of a call (its drain_timeout_s is 0: both
+    are cut at once).
+
+    - The product's client, behind a balancer that sends connections to a ready node, holds its
+      audio, reconnects to B and resumes: the same session, seq going on, the speaker's
+      baseline restored rather than relearnt, a full timeline and summary on B.
+    - The Genesys AudioHook call is asked to ``reconnect``; its new session names the old one
+      in ``continuedSessions`` and B continues that call, both parties where they stopped.
+
+    Runs last: it leaves node A stopped."""
+    a, b = cluster["a"], cluster["b"]
+    balancer = Balancer([a.url, b.url])  # A while it is ready, then B
+    client = StreamClient(balancer.url, token=TOKEN)
+    customer, agent = party_audio()
+    call = stereo_mulaw(customer, agent)
+    half = len(call) // 4 * 2  # whole stereo frames
+    try:
+        hook = AudioHookClient(balancer)
+        hook.send("open", open_parameters("conversation-on-a"))
+        hook.expect("opened")
+        hook.audio(call[:half])
+        sid = client.start()["session_id"]
+        pcm = to_pcm16(np.concatenate([speech(), speech(pitch=70)]))
+        step = 3200  # 100 ms chunks, in real time
+
+        def stream() -> None:
+            started = time.monotonic()
+            for i, at in enumerate(range(0, len(pcm), step)):
+                client.send(pcm[at : at + step])
+                time.sleep(max(0.0, started + (i + 1) * 0.1 - time.monotonic()))
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        wait_for(
+            lambda: any(not r["stress"]["calibrating"] for r in client.results),
+            30,
+            "a learnt baseline on node A",
+        )
+        wait_for(
+            lambda: (
+                a.metric("voxaffect_audio_received_seconds_total", source="audiohook")
+                >= half / 8000 - 0.01
+            ),  # both parties' first halves
+            30,
+            "the call's first half on node A",
+        )
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGTERM)
+        assert hook.expect("reconnect")["parameters"]["info"]
+        hook.close()  # Genesys closes (reason reconnect) and opens a session that continues it
+        assert a.proc.wait(30) == 0
+        on_a = len(client.results)
+        again = AudioHookClient(balancer)
+        continued = {"id": hook.id, "serverseq": hook.serverseq, "clientseq": hook.seq}
+        again.send(
+            "open", {**open_parameters("conversation-on-a"), "continuedSessions": [continued]}
+        )
+        again.expect("opened")
+        again.audio(call[half:])
+        again.send("close", {"reason": "end"})
+        again.expect("closed")
+        again.close()
+        streaming.join(60)
+        summary = client.end()
+    finally:
+        client.close()
+        balancer.close()
+    assert balancer.routed[0] == a.url and balancer.routed[-1] == b.url
+    assert {e["code"] for e in client.errors} == {"DRAINING"}, client.errors
+    assert b.metric("voxaffect_session_handoffs_total", event="continued") == 2
+    results = client.results
+    seqs = [r["seq"] for r in results]
+    assert len(results) > on_a, "no result from node B"
+    assert seqs == list(range(1, len(seqs) + 1)), "a result lost or sent twice"
+    starts = [r["start_s"] for r in results]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    calibrating = [r["stress"]["calibrating"] for r in results]
+    learnt = calibrating.index(False)
+    assert not any(calibrating[learnt:]), "node B learnt the speaker's baseline again"
+    assert summary["session_id"] == sid and summary["reason"] == "ended by client"
+    assert summary["results"] == summary["windows"] == len(results)
+    assert summary["audio_received_s"] >= len(pcm) / 32000 - 0.5  # nothing but a round trip
+    status, timeline = b.get(f"/api/sessions/{sid}", token=TOKEN)
+    assert status == 200
+    assert [f["seq"] for f in timeline["frames"]] == seqs
+    assert timeline["summary"]["results"] == len(results)
+    # the call: one session under its first id, both halves in it, each party where it stopped
+    status, stored = b.get(f"/api/sessions/{hook.id}", token=TOKEN)
+    assert status == 200 and stored["summary"]["reason"] == "call ended"
+    assert b.get(f"/api/sessions/{again.id}", token=TOKEN)[0] == 404
+    tracks = stored["summary"]["tracks"]
+    assert set(tracks) == {"customer", "agent"}
+    for track in tracks.values():  # the cut is on the VAD's 30 ms grid
+        assert track["duration_s"] == pytest.approx(len(call) / 2 / 8000, abs=0.1)
+    call_seqs = [f["seq"] for f in stored["frames"]]
+    assert call_seqs == list(range(1, len(call_seqs) + 1))
+    assert stored["summary"]["results"] == len(call_seqs) > 0

@@ -133,3 +133,60 @@ def test_cli_analyze_reports_bad_input_without_a_traceback(tmp_path, tiny_model_
     )
     assert out.returncode == 2
     assert "unreadable" in out.stderr and "Traceback" not in out.stderr
+
+
+def _run(pipeline: StreamPipeline, samples: np.ndarray, model, *, finish: bool) -> list:
+    """Feed ``samples`` in 100 ms chunks and complete every window with ``model``."""
+    windows = []
+    for at in range(0, samples.size, 1600):
+        windows += pipeline.feed_samples(samples[at : at + 1600]).windows
+    if finish:
+        windows += pipeline.finish().windows
+    frames = []
+    for w in windows:
+        answer = model.predict(w.samples[None, :]).answer(0)
+        frames.append(pipeline.complete(w, answer, pipeline.measure(w)))
+    return frames
+
+
+def test_a_checkpointed_stream_continues_in_another_pipeline_where_it_stopped(tiny_model):
+    """A draining node's handoff: the second pipeline starts at the first one's position (on
+    the VAD's frame grid), with its speaker baseline, smoothed index and totals — so stress is
+    not learnt again and the summary covers both parts."""
+    config = PipelineConfig()
+    labels = tuple(tiny_model.labels)
+    first_audio = np.concatenate([speech(), silence(0.5), speech(pitch=70)])
+    first = StreamPipeline(config, labels=labels)
+    before = _run(first, first_audio, tiny_model, finish=True)
+    assert len(before) >= 4 and not first.scorer.calibrating
+    state = json.loads(json.dumps(first.checkpoint()))  # what the store keeps
+    assert state["position"] == first_audio.size
+
+    second = StreamPipeline(config, labels=labels, resume=state)
+    after = _run(second, speech(pitch=40), tiny_model, finish=True)
+    assert after, "speech after the handoff gives windows"
+    assert after[0].start_s >= first_audio.size / 16000  # times go on from the position
+    assert after[0].start_s - first_audio.size / 16000 < 0.03  # within one VAD frame
+    assert not after[0].stress.calibrating  # the baseline came along, not relearnt
+    assert after[0].stress.baseline["windows"] == first.scorer.baseline.windows
+    fresh = StreamPipeline(config, labels=labels)
+    assert _run(fresh, speech(pitch=40), tiny_model, finish=True)[0].stress.calibrating
+    summary = second.summary_dict()
+    assert summary["windows"] == len(before) + len(after)
+    assert summary["speech_s"] > first.speech_s
+    assert summary["duration_s"] == pytest.approx(second.audio_s, abs=1e-3)
+    mix = summary["emotion_mix"]
+    expected = {
+        k: round(sum(f.scores[k] for f in before + after) / (len(before) + len(after)), 4)
+        for k in labels
+    }
+    assert mix == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_checkpoint_of_other_labels_is_refused(tiny_model):
+    labels = tuple(tiny_model.labels)
+    first = StreamPipeline(PipelineConfig(), labels=labels)
+    _run(first, speech(), tiny_model, finish=True)
+    state = first.checkpoint()
+    with pytest.raises(ValueError, match="other labels"):
+        StreamPipeline(PipelineConfig(), labels=labels[:3], resume=state)

@@ -225,7 +225,7 @@ def full_result(seq: int) -> dict:  # (labels: angry, happy)
 
 def test_store_round_trip_and_csv(tmp_path):
     store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime())
-    assert store.start() == [1, 2, 3, 4, 5]
+    assert store.start() == [1, 2, 3, 4, 5, 6]
     assert store.claim(
         "s1",
         source="socketio",

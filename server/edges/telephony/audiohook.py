@@ -43,6 +43,7 @@ MAX_TEXT_CHARS = 65_535  # as the reference server: a longer text message is a v
 CHANNEL_PARTIES = {"external": "customer", "internal": "agent"}
 ENCODINGS = {"PCMU": "mulaw", "L16": "pcm_s16le"}
 EVENT_ENTITY = "voxaffect.emotion"
+MAX_CONTINUED = 4  # continuedSessions read at most: each is one store lookup
 _DURATION = re.compile(r"PT(?:(\d{1,6})H)?(?:(\d{1,6})M)?(?:(\d{1,9}(?:\.\d{1,9})?)S)?")
 
 
@@ -175,11 +176,16 @@ class AudioHookParser(Parser):
             "events": self.events,
         }
         opened = {"type": "opened", "parameters": {"startPaused": False, "media": [media]}}
+        continued = params.get("continuedSessions")
+        continues = tuple(
+            str(c["id"])[:128]
+            for c in (continued if isinstance(continued, list) else [])[:MAX_CONTINUED]
+            if isinstance(c, dict) and "id" in c
+        )
+        parties = [CHANNEL_PARTIES[c] for c in channels]
         return [
             Note("open"),
-            Start(
-                self.session_id, fmt, [CHANNEL_PARTIES[c] for c in channels], meta, answer=(opened,)
-            ),
+            Start(self.session_id, fmt, parties, meta, answer=(opened,), continues=continues),
         ]
 
     def _on_ping(self, params: dict[str, Any]) -> list[Message]:
@@ -242,6 +248,12 @@ class AudioHookParser(Parser):
                     "parameters": message["parameters"],
                 }
             )
+
+    def hand_off(self) -> list[Any]:
+        """``reconnect``: Genesys closes this session (reason ``reconnect``) and opens a new
+        one whose ``continuedSessions`` names this one; any node then continues the call."""
+        info = "this server is restarting; reconnect to continue"
+        return [{"type": "reconnect", "parameters": {"info": info}}]
 
     def refusal(self, detail: str, reason: str) -> list[Any]:
         why = "unauthorized" if reason == "unauthorized" else "error"

@@ -51,6 +51,7 @@ class Start:
     meta: dict[str, Any]  # stored with the session (phone numbers pseudonymised first)
     token: str | None = None  # a token inside the protocol (a Twilio <Parameter>); never stored
     answer: tuple[Any, ...] = ()  # sent once the session is open (AudioHook ``opened``)
+    continues: tuple[str, ...] = ()  # ids of earlier connections' calls this one continues
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,12 @@ class Parser:
         caller holds the connection's send lock, so a numbering protocol numbers in order."""
         assert isinstance(answer, str | bytes)
         return answer
+
+    def hand_off(self) -> list[Any]:
+        """What asks the media server to reconnect (this node drains; another continues the
+        call); none if the protocol has no such message: the connection is then closed with
+        1012, service restart."""
+        return []
 
     def refusal(self, detail: str, reason: str) -> list[Any]:
         """Answers to send before the connection is closed for ``detail``."""

@@ -126,6 +126,7 @@ class CallStream:
         self.parties: list[str] = []
         self.faults: Counter[str] = Counter()
         self.taken_over = False
+        self.handed_off = False  # this node drains: another node continues the call
         self.rate = MessageRate(edge.settings.max_messages_per_s, edge.clock)
         self.connected_at = edge.clock()
         self.timeline_s: dict[str, float] = dict.fromkeys(PARTIES, 0.0)  # audio this stream
@@ -181,6 +182,8 @@ class CallStream:
         except ConnectionClosed as exc:
             if self.taken_over:
                 _close(self.ws, 1000, "another connection took this call over")
+            elif self.handed_off:
+                self.count("handed_off")
             elif _closed_for_size(self.ws):
                 self.fault("oversized", "a frame beyond the frame limit; connection closed")
             elif self.parser.ends_on_close:
@@ -269,6 +272,14 @@ class CallStream:
                 raise Refused(f"call {call_id} is live on another protocol")
             self._take_over(existing)
             return
+        for earlier in (call_id, *filter(valid_id, start.continues)):
+            # a call another node handed off (it drained) continues here, tracks and baselines
+            runner = edge.factory.reopen(session_id=earlier, source=self.protocol, connection=self)
+            if runner is not None:
+                self.runner = runner
+                self.count("continued")
+                log.info("a call continues from another node", extra={"session_id": earlier})
+                return
         analysed = edge.analysed_parties(self.parties)
         meta = {**edge.private(start.meta), "parties": self.parties, "analysed": sorted(analysed)}
         try:
@@ -322,6 +333,9 @@ class CallStream:
         self.edge.metrics.audio_seconds.labels(self.protocol).inc(seconds)
         if party not in self.runner.tracks:
             return  # a party that is not analysed (the agent, by default)
+        if self.runner.handing_off:  # in flight as the node handed the call off: not analysed
+            self.edge.metrics.messages_dropped.labels("handoff").inc()
+            return
         session.record_audio(seconds, self.edge.clock())  # media servers pace in real time
         try:
             self.runner.push(party, data, block=block)
@@ -361,6 +375,17 @@ class CallStream:
         answer = self.parser.result(result)
         if answer is not None and not self.taken_over:
             self.send(answer)
+
+    def hand_off(self) -> None:
+        """The call was handed off (called by the room publisher once it is stored): ask the
+        media server to reconnect where the protocol can, or close with 1012 (service restart);
+        a reconnect to any node continues the call."""
+        self.handed_off = True
+        asks = self.parser.hand_off()
+        if asks:
+            self.send(*asks)
+        else:
+            _close(self.ws, 1012, "this node is restarting; reconnect to continue the call")
 
     def close(self, reason: str, *, ends_call: bool) -> None:
         """The connection is gone: end the call (``ends_call``), or let it wait to be rejoined."""

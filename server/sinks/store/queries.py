@@ -135,6 +135,19 @@ class Queries:
                 ).scalars()
             )
 
+    def stale_handoffs(self, before: float) -> list[str]:
+        """Sessions handed off before ``before`` (epoch s) that no node continued."""
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    sa.text(
+                        "SELECT id FROM sessions WHERE handoff IS NOT NULL AND ended_at IS NULL "
+                        "AND handed_off_at < :before"
+                    ),
+                    {"before": before},
+                ).scalars()
+            )
+
     def ping(self) -> bool:
         try:
             with self._read() as conn:

@@ -190,6 +190,17 @@ class Store(Queries):
             then,
         )
 
+    def hand_off(
+        self, session_id: str, state: dict[str, Any], *, at: float, then: Callable[[], None]
+    ) -> None:
+        """Leave a running session for another node to continue (:meth:`take_handoff`)."""
+        self._put(
+            "UPDATE sessions SET handoff = :state, handed_off_at = :at, node = NULL "
+            "WHERE id = :id AND ended_at IS NULL",
+            {"id": session_id, "state": json.dumps(state), "at": at},
+            then,
+        )
+
     def save_alert(self, alert: dict[str, Any], then: Callable[[], None] | None = None) -> None:
         """Record an alert as it fires, and again as it resolves."""
         self._put(
@@ -377,6 +388,51 @@ class Store(Queries):
             "node": self.node,
             "reader_sha256": reader_sha256,
         }
+
+    def take_handoff(
+        self,
+        *,
+        session_id: str | None = None,
+        reader_sha256: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any] | None:
+        """A handed-off session, now this node's: matched by id, by its resume token's hash,
+        or by both (and by ``source``, when given); its stored row with ``handoff`` (the
+        state). None if there is none, or another node took it first. Raises StoreUnavailable
+        when the database is unreachable."""
+        keys = {"id": session_id, "reader_sha256": reader_sha256}
+        if all(value is None for value in keys.values()):
+            return None
+        match = {c: v for c, v in {**keys, "source": source}.items() if v is not None}
+        where = " AND ".join(f"{column} = :{column}" for column in match)
+        try:
+            with self._db_lock, self._engine.begin() as conn:
+                row = (
+                    conn.execute(
+                        sa.text(
+                            f"SELECT * FROM sessions WHERE {where} AND handoff IS NOT NULL "
+                            "AND ended_at IS NULL"
+                        ),
+                        match,
+                    )
+                    .mappings()
+                    .first()
+                )
+                if row is None:
+                    return None
+                taken = conn.execute(  # one node wins: the row it read is no longer a handoff
+                    sa.text(
+                        "UPDATE sessions SET node = :node, handoff = NULL, handed_off_at = NULL "
+                        "WHERE id = :id AND handoff IS NOT NULL"
+                    ),
+                    {"node": self.node, "id": row["id"]},
+                ).rowcount
+        except sa.exc.OperationalError as exc:
+            self._on_error("unreachable")
+            raise StoreUnavailable(str(exc).splitlines()[0]) from exc
+        if taken != 1:
+            return None
+        return {**self._session({**row, "results": 0}), "handoff": json.loads(row["handoff"])}
 
     def claim(
         self,
