@@ -216,7 +216,8 @@ class Settings:
         default=120.0,
         metadata={
             "help": "on SIGTERM, how long running sessions may go on (new ones are refused, "
-            "DRAINING) before the server stops; 0 = at once; a second signal stops it at once"
+            "DRAINING) before the rest are handed off to another node and the server stops; "
+            "0 = at once; a second signal stops it at once"
         },
     )
     max_chunk_bytes: int = field(default=1_048_576, metadata={"help": "largest audio chunk"})

@@ -208,6 +208,8 @@ export async function connect(options) {
     socket.on(name, payload => {
       // (an error is this connection's own, whatever session it names: a bad message's)
       if (name !== "error" && payload && payload.session_id && payload.session_id !== session.id) return;
+      // a draining node hands the session off: hold the audio until resumed on another node
+      if (name === "error" && payload && payload.code === "DRAINING" && payload.resume) session._live = false;
       session._emit(event, name === "error" ? new VoxaffectError(payload.code, payload.message, payload) : payload);
     });
   }
@@ -237,7 +239,9 @@ export async function connect(options) {
   let attempt = 0;
   socket.io.on("reconnect_attempt", n => { attempt = n; });
   socket.io.on("reconnect_error", () => session._emit("reconnecting", { reason: "unreachable", attempt }));
-  socket.io.on("reconnect", async () => {
+  socket.on("connect", async () => { // every connection after the first: a manager's
+    // reconnect, or ours after the server closed the connection (a drain's hand-off)
+    if (session._ended) return;
     try {
       const resumed = await ack(socket, "start_session", { resume_token: session.resumeToken, session_id: session.id, since_seq: session.lastSeq }, opts.timeoutMs);
       session._live = true;
