@@ -163,6 +163,7 @@ class SessionFactory:
         resume_token: str | None = None,
         session_id: str | None = None,
         source: str | None = None,
+        fmt: AudioFormat | None = None,
         owner: str | None = None,
         client: str = "",
         connection: Any = None,
@@ -171,8 +172,11 @@ class SessionFactory:
         client presents (and the session id, when given), or by a rejoining call's id. The
         same id; ``seq`` goes on from the stored maximum; every track starts where it stopped,
         with its speaker baseline, smoothed index and totals. None if the store holds no such
-        handoff (or another node took it first)."""
-        self._admit()
+        handoff (or another node took it first), or if its audio format is not ``fmt`` (a
+        call's new connection must send what its tracks decode). A saturated node takes it
+        anyway: it was running, and refusing it now would lose it."""
+        if self._draining():
+            self._admit()  # DRAINING: another node continues it
         try:
             row = self.runtime.offload(
                 self.store.take_handoff,
@@ -185,17 +189,25 @@ class SessionFactory:
         if row is None:
             return None
         session_id, state, config = row["session_id"], row["handoff"], row["config"]
+        stored = AudioFormat(
+            sample_rate=int(config.get("sample_rate", 16000)),
+            encoding=str(config.get("encoding", "pcm_s16le")),
+            channels=int(config.get("channels", 1)),
+        )
+        if fmt is not None and fmt != stored:  # leave it for a connection that sends it
+            self.store.hand_off(session_id, state, at=time.time(), then=lambda: None)
+            log.warning(
+                "a call's new connection sends another format; not continued",
+                extra={"session_id": session_id, "stored": stored, "offered": fmt},
+            )
+            return None
         try:
             self.registry.reserve(session_id)
         except ProtocolError:  # full (or the id is this node's own ended one): leave it be
             self.store.hand_off(session_id, state, at=time.time(), then=lambda: None)
             raise
+        fmt = stored
         try:
-            fmt = AudioFormat(
-                sample_rate=int(config["sample_rate"]),
-                encoding=str(config["encoding"]),
-                channels=int(config["channels"]),
-            )
             now = self._clock()
             audio_s = float(state["audio_s"])
             session = Session(

@@ -290,3 +290,31 @@ def test_purge_deletes_what_ended_before_the_date_and_leaves_the_rest(tmp_path):
     assert reopened.get_session("recent") is None
     reopened.close()
     assert main(["purge", "--before", "last tuesday", "--db", db]) == 2
+
+
+def test_a_handoff_is_taken_once_by_token_hash_or_id_and_stale_ones_are_found(tmp_path):
+    store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime(), node="a")
+    store.start()
+    row = {"started_at": 1.0, "config": {"sample_rate": 8000}, "model": {}, "meta": {}}
+    assert store.claim("s1", source="socketio", reader_sha256="h1", **row)
+    assert store.claim("c1", source="audiohook", **row)
+    assert store.take_handoff(session_id="s1") is None  # running: nothing to take
+    done: list[str] = []
+    store.hand_off("s1", {"seq": 7}, at=100.0, then=lambda: done.append("s1"))
+    store.hand_off("c1", {"seq": 2}, at=200.0, then=lambda: done.append("c1"))
+    assert store.flush() and done == ["s1", "c1"]
+    assert store.open_sessions_of_this_node() == []  # a restart of node a leaves them be
+    assert store.stale_handoffs(150.0) == ["s1"]
+    assert store.take_handoff(reader_sha256="other") is None
+    assert store.take_handoff(session_id="c1", source="twilio") is None  # another protocol's
+    assert store.take_handoff() is None  # neither key: never "any handoff"
+    taken = store.take_handoff(reader_sha256="h1")
+    assert taken is not None and taken["session_id"] == "s1" and taken["handoff"] == {"seq": 7}
+    assert taken["config"] == {"sample_rate": 8000}
+    assert store.take_handoff(reader_sha256="h1") is None  # once
+    assert store.open_sessions_of_this_node() == ["s1"]  # this node's now
+    assert store.take_handoff(session_id="c1", source="audiohook")["handoff"] == {"seq": 2}
+    store.close_session("s1", {}, ended_at=300.0)
+    store.hand_off("s1", {"seq": 8}, at=301.0, then=lambda: None)  # an ended one stays ended
+    assert store.flush() and store.take_handoff(session_id="s1") is None
+    store.close()

@@ -16,7 +16,7 @@ from server.edges.telephony.base import SILENCE
 from server.edges.telephony.calls import TelephonyEdge
 from server.edges.telephony.twilio import Reorderer
 from server.runtime import ThreadRuntime
-from server.sessions.events import Result, Started
+from server.sessions.events import Ended, HandedOff, Result, Started
 from server.sessions.factory import SessionFactory
 from server.sessions.registry import SessionRegistry
 from server.settings import Settings
@@ -57,6 +57,7 @@ class ScriptedSocket:
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
         self.closed_with = (reason or 1000, message or "")
+        self.frames.put(None)  # as a real socket: receiving on a closed one raises
 
 
 class HeldStart(Recorder):
@@ -84,6 +85,7 @@ class World:
         self.registry = SessionRegistry(10, clock=clock)
         store = Store(self.settings.db, runtime=runtime)
         store.start()
+        self.store = store
         self.events = events or Recorder()
         self.analyse = FakeAnalyse()
         self.metrics = Metrics(LABELS, CollectorRegistry())
@@ -224,3 +226,36 @@ def test_a_chunk_far_ahead_is_a_fault_and_its_silence_is_bounded_by_real_time():
     out = r.push(2_000_000_000, b"c" * 160)
     assert len(out[0]) == 160 * 500 and out[1] == b"c" * 160
     assert r.push(2_000_000_001, b"d" * 160) == [b"d" * 160]  # in order again
+
+
+def test_a_call_handed_off_by_one_node_continues_on_another_that_shares_the_store(tmp_path):
+    """Two nodes on one store file. Node A hands a running call off (it drains): the media
+    connection is closed with 1012, service restart. Node B continues the call when the media
+    server connects again with its call id: one session, both connections' audio, in order."""
+    node_a, node_b = World(tmp_path), World(tmp_path)  # the same calls.db
+    first_msgs, second_msgs = call_audio(2.0), call_audio(3.0)
+    first = node_a.connect()
+    first.send(*first_msgs[:-2])  # start and 2 s of media
+    runner = node_a.wait_live("CAcall")
+    wait_for(lambda: runner.session.audio_s == pytest.approx(2.0), WAIT_S, "the first 2 s")
+    runner.end("handed off", hand_off=True)
+    handed = wait_for(lambda: node_a.events.of(HandedOff), WAIT_S, "the hand-off")[0]
+    results_on_a = node_a.events.of(Result)  # the final window's too
+    assert results_on_a and handed.state["seq"] == len(results_on_a)
+    assert not node_a.events.of(Ended)
+    node_a.store.hand_off("CAcall", handed.state, at=0.0, then=runner.session.connection.hand_off)
+    assert node_a.store.flush() and first.done.wait(WAIT_S)
+    assert first.closed_with == (1012, "this node is restarting; reconnect to continue the call")
+    assert node_a.count("handed_off") == 1 and node_a.count("dropped") == 0
+    second = node_b.connect()
+    second.send(*second_msgs[1:])  # start (same callSid), 3 s of media, dtmf, stop
+    assert second.done.wait(WAIT_S)
+    assert node_b.count("continued") == 1
+    ended = node_b.events.ended()
+    assert ended.reason == "call ended" and ended.session.id == "CAcall"
+    track = ended.summary["tracks"]["customer"]
+    assert track["duration_s"] == pytest.approx(5.0, abs=0.1)  # where node A stopped, then on
+    on_b = [e.result for e in node_b.events.of(Result)]
+    assert on_b and on_b[0]["seq"] == len(results_on_a) + 1  # seq goes on
+    assert on_b[0]["start_s"] >= 2.0
+    assert ended.summary["results"] == track["windows"] == len(results_on_a) + len(on_b)

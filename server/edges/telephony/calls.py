@@ -274,7 +274,13 @@ class CallStream:
             return
         for earlier in (call_id, *filter(valid_id, start.continues)):
             # a call another node handed off (it drained) continues here, tracks and baselines
-            runner = edge.factory.reopen(session_id=earlier, source=self.protocol, connection=self)
+            try:
+                runner = edge.factory.reopen(
+                    session_id=earlier, source=self.protocol, fmt=start.fmt, connection=self
+                )
+            except ProtocolError as exc:  # this node drains too, or is full
+                self.fault("refused", exc.message)
+                raise Refused(exc.message) from None
             if runner is not None:
                 self.runner = runner
                 self.count("continued")
