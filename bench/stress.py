@@ -3,15 +3,19 @@
     python -m bench.stress --clips ../shared/data/ravdess-dev          # the shipped model
     python -m bench.stress --clips DIR --cv                              # leave one speaker out
     python -m bench.stress --clips DIR --fit                             # write stress_model.json
+    python -m bench.stress --clips DIR1 DIR2 --cv                        # several corpora at once
 
-DIR holds ``manifest.csv`` (file, actor or speaker, sex, emotion, ...) and the clips. Each clip
+Each DIR (a corpus: a language, a recording setup) holds ``manifest.csv`` (file, actor or
+speaker, sex, emotion, ...) and the clips. Each clip
 is a target in a session of its own, as a call unfolds: the speaker's neutral clips (calm ones if
 there is no other neutral clip), then the target, streamed in 100 ms chunks through the engine's
 pipeline with the server's default windows and settings. A target's score is the mean index of
 the windows centred in it. Reported: pooled and per-speaker AUC for angry+fearful against
 neutral+calm, for the full index and for the prosodic index alone (the emotion part cannot be
 judged with a random-weight model); mean index by emotion and by sex; the share of each emotion
-reaching "elevated" (50) and "high" (75); mean confidence.
+reaching "elevated" (50) and "high" (75); mean confidence. First, the table the index is judged
+by (issue 28): pooled AUC, AUC per corpus, speakers whose own AUC is below 0.85 (the worst
+named), the share of neutral targets at 60 or more, and the AUC of angry+fearful against happy.
 
 ``--fit`` fits the index on every speaker given and writes engine/stress_model.json (with the
 cross-validated numbers). ``--cv`` fits it once per speaker on the others and scores that speaker
@@ -100,6 +104,7 @@ class Session:
     emotion: str
     target: str
     windows: list[WindowData]
+    corpus: str = ""
 
 
 def read_manifest(clips: Path) -> list[dict[str, str]]:
@@ -213,7 +218,8 @@ def build_sessions(clips: Path, model: Any, cache: Path, workers: int) -> list[S
             WindowData(extractor.cache[k][0], extractor.cache[k][1], ratio, inside)
             for k, ratio, inside in keyed
         ]
-        sessions.append(Session(row["speaker"], row["sex"], row["emotion"], row["file"], ws))
+        speaker = f"{clips.name}/{row['speaker']}"  # corpora may reuse speaker names
+        sessions.append(Session(speaker, row["sex"], row["emotion"], row["file"], ws, clips.name))
     return sessions
 
 
@@ -383,6 +389,7 @@ def score(model: StressModel, s: Session) -> dict[str, Any] | None:
         return None
     return {
         "speaker": s.speaker,
+        "corpus": s.corpus,
         "sex": s.sex,
         "emotion": s.emotion,
         "index": float(np.mean(index)),
@@ -397,6 +404,65 @@ def auc(positive: list[float], negative: list[float]) -> float:
         return math.nan
     p, n = np.array(positive)[:, None], np.array(negative)[None, :]
     return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+SPEAKER_AUC_FLOOR = 0.85
+NEUTRAL_ALERT = 60.0
+HAPPY = ("happy",)
+
+
+def judged(scored: list[dict[str, Any]], key: str = "index") -> dict[str, Any]:
+    """The issue's table for ``key`` (the full index, or its prosodic part)."""
+
+    def auc_of(rows: list[dict[str, Any]], negative: tuple[str, ...] = NEGATIVE) -> float:
+        return auc(
+            [r[key] for r in rows if r["emotion"] in POSITIVE],
+            [r[key] for r in rows if r["emotion"] in negative],
+        )
+
+    speakers = {
+        speaker: auc_of([r for r in scored if r["speaker"] == speaker])
+        for speaker in sorted({r["speaker"] for r in scored})
+    }
+    ranked = sorted(((v, k) for k, v in speakers.items() if math.isfinite(v)))
+    neutral = [r[key] >= NEUTRAL_ALERT for r in scored if r["emotion"] == "neutral"]
+    return {
+        "pooled_auc": round(auc_of(scored), 3),
+        "auc_by_corpus": {
+            c: round(auc_of([r for r in scored if r["corpus"] == c]), 3)
+            for c in sorted({r["corpus"] for r in scored})
+        },
+        "speakers_below_0.85": [[k, round(v, 3)] for v, k in ranked if v < SPEAKER_AUC_FLOOR],
+        "worst_speakers": [[k, round(v, 3)] for v, k in ranked[:5]],
+        "neutral_at_60_or_more": round(float(np.mean(neutral)), 3) if neutral else math.nan,
+        "auc_against_happy": round(auc_of(scored, HAPPY), 3),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The issue's rows, for the full index and for its prosodic part."""
+    rows = [
+        ("pooled AUC, angry+fearful vs neutral/calm (goal >= 0.95)", "pooled_auc"),
+        ("AUC per corpus (goal >= 0.95 each)", "auc_by_corpus"),
+        ("speakers whose own AUC is below 0.85 (goal: none)", "speakers_below_0.85"),
+        ("neutral targets at 60 or more (goal <= 5 %)", "neutral_at_60_or_more"),
+        ("AUC angry+fearful vs happy (goal >= 0.75)", "auc_against_happy"),
+    ]
+    out = []
+    for key, title in (("index", "full index"), ("prosodic", "prosodic part alone")):
+        t = result[key]["judged"]
+        out.append(f"{title}:")
+        for label, field in rows:
+            value = t[field]
+            if field == "speakers_below_0.85":
+                value = f"{len(value)}" + (
+                    f" (worst {value[0][0]}: {value[0][1]})" if value else ""
+                )
+            elif isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            out.append(f"  {label:<60} {value}")
+        out.append("  worst speakers: " + ", ".join(f"{k} {v}" for k, v in t["worst_speakers"]))
+    return "\n".join(out)
 
 
 def report(scored: list[dict[str, Any]]) -> dict[str, Any]:
@@ -418,6 +484,7 @@ def report(scored: list[dict[str, Any]]) -> dict[str, Any]:
             "auc": round(auc(pos, neg), 3),
             "auc_by_speaker": per,
             "min_speaker_auc": min(per.values()),
+            "judged": judged(scored, key),
         }
     emotions = sorted({r["emotion"] for r in scored})
     out["by_emotion"] = {
@@ -458,7 +525,7 @@ def report(scored: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clips", required=True, type=Path)
+    p.add_argument("--clips", required=True, type=Path, nargs="+", help="one DIR per corpus")
     p.add_argument("--model", help="emotion checkpoint (default: a tiny random-weight one)")
     p.add_argument("--cv", action="store_true", help="leave-one-speaker-out")
     p.add_argument("--fit", action="store_true", help="fit on every speaker, write the model")
@@ -480,13 +547,15 @@ def main(argv: list[str] | None = None) -> int:
             write_random_checkpoint(d, "tiny")
         model = load_model(str(d), device="cpu")
         model_name = "tiny random-weight checkpoint (emotions are noise)"
-    key = hashlib.sha1(
-        f"{args.clips.resolve()}|{model_name}|{PipelineConfig()}".encode()
-    ).hexdigest()[:12]
-    cache = args.cache or Path.home() / ".cache" / "voxaffect" / f"stress-{key}.pkl"
-    sessions = build_sessions(args.clips, model, cache, args.workers)
+    sessions = []
+    for clips in args.clips:
+        key = hashlib.sha1(
+            f"{clips.resolve()}|{model_name}|{PipelineConfig()}".encode()
+        ).hexdigest()[:12]
+        cache = args.cache or Path.home() / ".cache" / "voxaffect" / f"stress-{key}.pkl"
+        sessions += build_sessions(clips, model, cache, args.workers)
     result: dict[str, Any] = {
-        "clips": str(args.clips),
+        "clips": [str(c) for c in args.clips],
         "emotion_model": model_name,
         "sessions": len(sessions),
     }
@@ -498,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
         result["cv"] = report(scored)
     if args.fit:
         about = {
-            "fitted_on": f"{args.clips.name}: {len({s.speaker for s in sessions})} speakers, "
+            "fitted_on": f"{', '.join(c.name for c in args.clips)}: "
+            f"{len({s.speaker for s in sessions})} speakers, "
             f"{sum(s.emotion in POSITIVE + NEGATIVE for s in sessions)} "
             "angry/fearful/neutral/calm targets",
             "date": datetime.date.today().isoformat(),
@@ -519,7 +589,14 @@ def main(argv: list[str] | None = None) -> int:
         shipped = StressModel.load(args.out)
         result["shipped"] = report([r for s in sessions if (r := score(shipped, s))])
         result["shipped_note"] = "in-sample if the model was fitted on these clips"
-    print(json.dumps(result, indent=None if args.json else 1))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(json.dumps(result, indent=1))
+    for name in ("cv", "shipped"):
+        if name in result:
+            print(f"\n== {name} ({'leave one speaker out' if name == 'cv' else 'as shipped'})")
+            print(table(result[name]))
     return 0
 
 
