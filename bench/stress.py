@@ -64,6 +64,13 @@ PAUSE_S = 0.4
 EMOTION_LABELS = {"angry": 1.0, "fearful": 1.0, "disgusted": 0.5}
 EMOTION_POINTS = 30.0
 FEATURES = tuple(MEASURES)  # every eGeMAPS measure the prosody module reports
+# The measures the index weighs: those that mean the same across microphones, lines and
+# languages (MEASURES' "normative": pitch in semitones, ranges relative to the speaker's own
+# level, jitter, shimmer, rates). Levels and spectral balance move with the channel and the
+# language as much as with arousal. Measured with the two development corpora, fitting on one
+# language and scoring the other (--cv): every measure gives AUC 0.80 (RAVDESS scored) and 0.64
+# (nEMO scored); these alone 0.91 and 0.81, with the same leave-one-speaker-out AUC (0.90).
+WEIGHTED = tuple(name for name in MEASURES if MEASURES[name][3])
 # Which way each measure moves under high arousal, in the literature (Scherer 2003; Eyben et al.
 # 2016; Giddens et al. 2013): the fit keeps each weight on that side of zero, so an explanation
 # never reads "higher pitch range, lower stress" from a quirk of correlated measures. 0: either.
@@ -234,7 +241,7 @@ def fit(
     sessions: list[Session],
     about: dict[str, Any] | None = None,
     *,
-    features: tuple[str, ...] = FEATURES,
+    features: tuple[str, ...] = WEIGHTED,
     c: float = 0.1,
 ) -> StressModel:
     """Priors and floors from the speakers' calm speech, then a logistic regression on
@@ -293,7 +300,10 @@ def fit(
     calm_top = float(np.quantile(log_odds[ya == 0], CALM_ELEVATED[0]))
     scale = (CALM_ELEVATED[1] - AT_BASELINE) / max(calm_top - intercept, 1e-3)
     return StressModel(
-        weights={n: round(float(w), 4) for n, w in zip(features, weights, strict=True)},
+        weights={  # every measure named, those the fit leaves out at 0
+            **dict.fromkeys(FEATURES, 0.0),
+            **{n: round(float(w), 4) for n, w in zip(features, weights, strict=True)},
+        },
         intercept=round(float(intercept), 4),
         z_clip=draft.z_clip,
         spread_floor={k: round(v, 6) for k, v in floors.items()},
@@ -565,6 +575,13 @@ def main(argv: list[str] | None = None) -> int:
             fold = fit([s for s in sessions if s.speaker != speaker])
             scored += [r for s in sessions if s.speaker == speaker if (r := score(fold, s))]
         result["cv"] = report(scored)
+        corpora = sorted({s.corpus for s in sessions})
+        if len(corpora) > 1:  # by language: fitted on the other corpora only
+            result["cv_by_corpus"] = {}
+            for corpus in corpora:
+                fold = fit([s for s in sessions if s.corpus != corpus])
+                held = [r for s in sessions if s.corpus == corpus if (r := score(fold, s))]
+                result["cv_by_corpus"][corpus] = judged(held)
     if args.fit:
         about = {
             "fitted_on": f"{', '.join(c.name for c in args.clips)}: "
@@ -572,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(s.emotion in POSITIVE + NEGATIVE for s in sessions)} "
             "angry/fearful/neutral/calm targets",
             "date": datetime.date.today().isoformat(),
-            "command": "python -m bench.stress --clips DIR --fit",
+            "command": "python -m bench.stress --clips DIR... --fit",
             "method": "logistic regression (L2, C=0.1, classes balanced, each weight on its "
             "literature side of zero) on robust within-speaker z-scores; levels from inner "
             "leave-one-speaker-out predictions (a voice at its baseline -> 15, the 97th "
@@ -580,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
             "cv_auc": result["cv"]["index"]["auc"],
             "cv_prosodic_auc": result["cv"]["prosodic"]["auc"],
             "cv_min_speaker_auc": result["cv"]["prosodic"]["min_speaker_auc"],
+            "cv_auc_by_corpus": result["cv"]["index"]["judged"]["auc_by_corpus"],
+            "cv_other_language_auc": {
+                c: t["pooled_auc"] for c, t in result.get("cv_by_corpus", {}).items()
+            },
+            "weighted": "measures that mean the same across channels and languages only",
             "emotion_weight": "a documented prior, not fitted (the development model is random)",
         }
         model_fit = fit(sessions, about)
@@ -597,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
         if name in result:
             print(f"\n== {name} ({'leave one speaker out' if name == 'cv' else 'as shipped'})")
             print(table(result[name]))
+    for corpus, t in result.get("cv_by_corpus", {}).items():
+        print(f"\n== {corpus}, fitted on the other corpora only (another language)")
+        print(
+            f"  AUC {t['pooled_auc']}, speakers below 0.85: {len(t['speakers_below_0.85'])}, "
+            f"neutral at 60+: {t['neutral_at_60_or_more']}, vs happy: {t['auc_against_happy']}"
+        )
     return 0
 
 

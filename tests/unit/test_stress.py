@@ -54,7 +54,7 @@ def aroused(by: float = 3.0) -> Prosody:
 
 def test_the_shipped_model_is_fitted_and_says_on_what():
     model = default_model()
-    assert model.about["fitted_on"] and 0.9 < model.about["cv_auc"] <= 1.0
+    assert model.about["fitted_on"] and 0.85 < model.about["cv_auc"] <= 1.0
     assert set(model.weights) == set(MEASURES) and any(model.weights.values())
     assert model.scale > 0
     assert model.offset + model.scale * model.intercept == pytest.approx(15, abs=0.5)
@@ -187,6 +187,7 @@ def test_espeak_stressed_speech_after_a_calm_baseline_scores_clearly_higher(tiny
     assert np.mean([f["stress"]["prosodic_index"] for f in hot]) >= 50
     for f in hot:
         comps = f["stress"]["components"]
-        assert comps["f0_mean_st"]["z"] > 1.5 and comps["loudness_phon"]["z"] > 1.5
+        assert comps["f0_mean_st"]["z"] > 1.5  # espeak's -p: the pitch carries it
         top = max((k for k in comps if "z" in comps[k]), key=lambda k: comps[k]["points"])
-        assert top in {"f0_mean_st", "loudness_phon"}
+        assert top == "f0_mean_st"
+        assert "loudness_phon" not in comps  # a level the channel sets: not weighed
