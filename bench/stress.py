@@ -5,21 +5,22 @@
     python -m bench.stress --clips DIR --fit                             # write stress_model.json
     python -m bench.stress --clips DIR1 DIR2 --cv                        # several corpora at once
 
-Each DIR (a corpus: a language, a recording setup) holds ``manifest.csv`` (file, actor or
-speaker, sex, emotion, ...) and the clips. Each clip
-is a target in a session of its own, as a call unfolds: the speaker's neutral clips (calm ones if
-there is no other neutral clip), then the target, streamed in 100 ms chunks through the engine's
-pipeline with the server's default windows and settings. A target's score is the mean index of
-the windows centred in it. Reported: pooled and per-speaker AUC for angry+fearful against
-neutral+calm, for the full index and for the prosodic index alone (the emotion part cannot be
-judged with a random-weight model); mean index by emotion and by sex; the share of each emotion
-reaching "elevated" (50) and "high" (75); mean confidence. First, the table the index is judged
-by (issue 28): pooled AUC, AUC per corpus, speakers whose own AUC is below 0.85 (the worst
-named), the share of neutral targets at 60 or more, and the AUC of angry+fearful against happy.
+Each DIR (a corpus: a language, a recording setup) holds ``manifest.csv`` (file, actor or speaker,
+sex, emotion, ...) and the clips. Each clip is a target in a session of its own, as a call unfolds:
+the speaker's neutral clips (calm ones if there is no other neutral clip), then the target, streamed
+in 100 ms chunks through the engine's pipeline with the server's default windows and settings. A
+target's score is the mean index of the windows centred in it. Reported: pooled and per-speaker AUC
+for angry+fearful against neutral+calm, for the full index and for the prosodic index alone (the
+emotion part cannot be judged with a random-weight model); mean index by emotion and by sex; the
+share of each emotion reaching "elevated" (50) and "high" (75); mean confidence. First, the table
+the index is judged by (issue 28): pooled AUC, AUC per corpus, speakers whose own AUC is below 0.85
+(the worst named), the share of neutral targets at 60 or more, and the AUC of angry+fearful against
+happy.
 
 ``--fit`` fits the index on every speaker given and writes engine/stress_model.json (with the
 cross-validated numbers). ``--cv`` fits it once per speaker on the others and scores that speaker
-with it: nothing is fitted on the speaker it scores.
+with it: nothing is fitted on the speaker it scores. With several corpora it also fits on all but
+one corpus and scores that one (another language).
 
 Window measures and model outputs are cached (``--cache``), so refitting and CV take seconds.
 """
