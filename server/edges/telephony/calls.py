@@ -272,19 +272,8 @@ class CallStream:
                 raise Refused(f"call {call_id} is live on another protocol")
             self._take_over(existing)
             return
-        for earlier in (call_id, *filter(valid_id, start.continues)):
-            # a call another node handed off (it drained) continues here, tracks and baselines
-            try:
-                runner = edge.factory.reopen(
-                    session_id=earlier, source=self.protocol, fmt=start.fmt, connection=self
-                )
-            except ProtocolError as exc:  # this node drains too, or is full
-                self.fault("refused", exc.message)
-                raise Refused(exc.message) from None
-            if runner is not None:
-                self.runner = runner
-                self.count("continued")
-                log.info("a call continues from another node", extra={"session_id": earlier})
+        for earlier in filter(valid_id, start.continues):  # AudioHook's continuedSessions
+            if self._continue(earlier, start):
                 return
         analysed = edge.analysed_parties(self.parties)
         meta = {**edge.private(start.meta), "parties": self.parties, "analysed": sorted(analysed)}
@@ -298,12 +287,31 @@ class CallStream:
                 connection=self,
             )
         except ProtocolError as exc:
+            # the store holds the id: a call another node handed off (it drained) continues here
+            if exc.code == "SESSION_EXISTS" and self._continue(call_id, start):
+                return
             self.fault("duplicate_call" if exc.code == "SESSION_EXISTS" else "refused", exc.message)
             raise Refused(exc.message) from None
         log.info(
             "call started",
             extra={"session_id": call_id, "protocol": self.protocol, "analysed": sorted(analysed)},
         )
+
+    def _continue(self, call_id: str, start: Start) -> bool:
+        """Continue ``call_id`` if another node handed it off: its tracks, baselines and seq."""
+        try:
+            runner = self.edge.factory.reopen(
+                session_id=call_id, source=self.protocol, fmt=start.fmt, connection=self
+            )
+        except ProtocolError as exc:  # this node drains too, or is full
+            self.fault("refused", exc.message)
+            raise Refused(exc.message) from None
+        if runner is None:
+            return False
+        self.runner = runner
+        self.count("continued")
+        log.info("a call continues from another node", extra={"session_id": call_id})
+        return True
 
     def _take_over(self, runner: SessionRunner) -> None:
         session = runner.session
