@@ -154,7 +154,7 @@ class StreamClient:
         """Connect again (the load balancer picks a ready node); resuming follows on connect."""
         delay_s = 0.5
         deadline = time.monotonic() + self.timeout_s * 6
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.sio.connected:  # (or it reconnected)
             try:
                 self.connect()
                 return
