@@ -154,12 +154,14 @@ class StreamClient:
         """Connect again (the load balancer picks a ready node); resuming follows on connect."""
         delay_s = 0.5
         deadline = time.monotonic() + self.timeout_s * 6
-        while time.monotonic() < deadline and not self.sio.connected:  # (or it reconnected)
+        while time.monotonic() < deadline:
+            time.sleep(delay_s)  # (the disconnect that started this is still being handled)
+            if self.sio.connected:
+                return  # python-socketio reconnected by itself (the node exited first)
             try:
                 self.connect()
                 return
             except socketio.exceptions.ConnectionError:
-                time.sleep(delay_s)
                 delay_s = min(delay_s * 2, 5.0)
 
     def _connected(self) -> None:
