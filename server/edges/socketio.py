@@ -347,7 +347,11 @@ class StreamNamespace(Namespace):
         s = self.settings
         session_id, raw = parse_chunk(data, s.max_chunk_bytes)
         handing_off = self.registry.get(session_id)
-        if handing_off is not None and handing_off.handing_off:
+        if (
+            handing_off is not None
+            and handing_off.handing_off
+            and handing_off.session.owner == _sid()
+        ):
             # sent before its client heard to hold (a round trip): the node that continues the
             # session never gets it; counted, not answered (the client is being moved)
             self.metrics.messages_dropped.labels("handoff").inc()
