@@ -7,7 +7,8 @@ requests that are not for this server, or not well-formed upgrades, are answered
 - A WebSocket upgrade must carry ``Sec-WebSocket-Key`` and version 13 (RFC 6455): otherwise
   ``400`` or ``426`` with ``Sec-WebSocket-Version: 13``, instead of a traceback deeper down.
 
-Every refusal is JSON, ``{"error": {"code", "message"}}``, and counted.
+Every refusal is JSON, ``{"error": {"code", "message"}}``, counted, and closes its connection: a
+client refused an upgrade must not keep the socket (and its slot) until the keep-alive timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from server.edges.auth import host_allowed
+from server.edges.listener import CLOSE_CONNECTION
 from server.settings import Settings
 
 StartResponse = Callable[..., Any]
@@ -49,31 +51,37 @@ class EdgeGuard:
         self._on_refused = on_refused
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        def refuse(
+            status: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+        ) -> list[bytes]:
+            environ[CLOSE_CONNECTION] = True
+            return json_error(
+                start_response,
+                status,
+                "INVALID_MESSAGE",
+                message,
+                [("Connection", "close"), *headers],
+            )
+
         if not host_allowed(self.settings, environ):
             self._on_refused("host")
             host = str(environ.get("HTTP_HOST", ""))[:80]
-            return json_error(
-                start_response,
+            return refuse(
                 "421 Misdirected Request",
-                "INVALID_MESSAGE",
                 f"this server does not answer to host {host!r} (allowed_hosts)",
             )
         if str(environ.get("HTTP_UPGRADE", "")).lower() == "websocket":
             if not environ.get("HTTP_SEC_WEBSOCKET_KEY"):
                 self._on_refused("bad_upgrade")
-                return json_error(
-                    start_response,
+                return refuse(
                     "400 Bad Request",
-                    "INVALID_MESSAGE",
                     "a WebSocket upgrade needs Sec-WebSocket-Key",
                 )
             if str(environ.get("HTTP_SEC_WEBSOCKET_VERSION", "")).strip() != "13":
                 self._on_refused("bad_upgrade")
-                return json_error(
-                    start_response,
+                return refuse(
                     "426 Upgrade Required",
-                    "INVALID_MESSAGE",
                     "only WebSocket version 13 is spoken here",
-                    [("Sec-WebSocket-Version", "13")],
+                    (("Sec-WebSocket-Version", "13"),),
                 )
         return self.app(environ, start_response)

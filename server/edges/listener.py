@@ -29,6 +29,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+CLOSE_CONNECTION = "voxaffect.close_connection"  # environ key: close once this answer is sent
+
 POOL_SPARE = 16  # greenthreads beyond max_connections, so eventlet's pool never blocks accept
 # The kernel's queue of connections not yet accepted: a burst beyond it has its handshakes
 # dropped and retried a second later, a stall for a healthy client too (eventlet's default is 50).
@@ -251,6 +253,8 @@ def _protocol(counts: ConnectionCounts, on_refused: Callable[[str], None]) -> ty
             self._deadline = eventlet.Timeout(limits.handshake_timeout_s, _HeaderDeadline())
             try:
                 super().handle_one_request()
+                if getattr(self, "environ", {}).pop(CLOSE_CONNECTION, False):
+                    self.close_connection = 1  # a refusal at the edge (server/edges/edge_guard.py)
             except _HeaderDeadline:
                 on_refused("header_timeout")
                 self.close_connection = 1

@@ -187,7 +187,9 @@ def test_an_ingest_token_streams_its_own_sessions_and_reads_nothing(limited, bes
 
 
 def _raw(server: ServerProcess, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    """The whole answer to ``request``: a refusal closes its connection at once, well before
+    the 10 s an idle keep-alive connection is given."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
