@@ -11,9 +11,15 @@ arousal from its own calm reference.
 2. A logistic regression fitted on speaker-normalised measures (bench/stress.py: RAVDESS actors,
    leave-one-speaker-out; the numbers are in stress_model.json) weighs the z-scores. Their sum
    with its intercept is the prosodic log-odds that the voice is in a high-arousal state.
-3. The emotion model's high-arousal negative mass (angry + fearful + ½ disgusted), above the same
-   speaker's usual mass, adds log-odds with a documented prior weight: it cannot be fitted here,
-   the development model is random.
+3. Valence, so that joy is not read as stress, where the voice allows it:
+   - prosodic valence: a second regression on the same z-scores (fitted on angry+fearful against
+     happy, bench/stress.py) gives log-odds of strain over joy; the index takes
+     ``valence_weight`` (chosen leave-one-speaker-out, 0 if it does not generalise) of it;
+   - emotion valence: the emotion model's happy mass above the speaker's usual takes log-odds
+     away with a documented prior weight.
+   The emotion model's high-arousal negative mass (angry + fearful + ½ disgusted), above the same
+   speaker's usual mass, adds log-odds with a documented prior weight. Neither emotion weight can
+   be fitted here: the development model is random.
 4. index = clip(offset + scale × log-odds, 0, 100), smoothed across windows. The two numbers are
    calibrated so that levels mean the same for everyone: a voice exactly at its own baseline
    scores 15 ("low"), and only 3 % of calm speech, of speakers the fit had not seen, reaches 50
@@ -46,6 +52,7 @@ BASELINE_MAX = 120
 PRIOR_WINDOWS = 3.0  # the population prior's worth for a measure's centre, in windows
 SPREAD_PRIOR_WINDOWS = 10.0  # and for its spread, which few windows estimate poorly
 EMOTION_REFERENCE = 0.1  # high-arousal negative mass assumed for calm speech before a baseline
+JOY_REFERENCE = 0.1  # and joy mass
 NARROWBAND_CONFIDENCE = 0.75
 NO_PROSODY_CONFIDENCE = 0.5
 
@@ -68,11 +75,17 @@ class StressModel:
     emotion_weight: float  # log-odds per unit of high-arousal negative mass above baseline
     offset: float  # index = offset + scale x log-odds
     scale: float
+    # prosodic valence: per measure, on the same z, log-odds of strain (angry/fearful) over joy
+    valence_weights: dict[str, float] = field(default_factory=dict)
+    valence_weight: float = 0.0  # the share of those log-odds the index takes
+    joy_labels: dict[str, float] = field(default_factory=dict)
+    joy_weight: float = 0.0  # log-odds per unit of joy mass above baseline (a negative number)
     about: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path = MODEL_FILE) -> StressModel:
         data = json.loads(path.read_text())
+        valence, joy = data.get("valence", {}), data["emotion"].get("joy", {})
         return cls(
             weights={k: float(v) for k, v in data["weights"].items()},
             intercept=float(data["intercept"]),
@@ -85,6 +98,10 @@ class StressModel:
             },
             emotion_labels={k: float(v) for k, v in data["emotion"]["labels"].items()},
             emotion_weight=float(data["emotion"]["weight"]),
+            valence_weights={k: float(v) for k, v in valence.get("weights", {}).items()},
+            valence_weight=float(valence.get("weight", 0.0)),
+            joy_labels={k: float(v) for k, v in joy.get("labels", {}).items()},
+            joy_weight=float(joy.get("weight", 0.0)),
             offset=float(data["index"]["offset"]),
             scale=float(data["index"]["scale"]),
             about=data.get("about", {}),
@@ -125,6 +142,7 @@ class Baseline:
         self.warmup = warmup
         self._values = {name: deque[float](maxlen=BASELINE_MAX) for name in model.weights}
         self._masses = deque[float](maxlen=BASELINE_MAX)
+        self._joy = deque[float](maxlen=BASELINE_MAX)
         self.windows = 0  # windows learned
 
     def voice(self, prosody: Prosody) -> str:
@@ -132,9 +150,10 @@ class Baseline:
         pitch = float(np.median(f0)) if f0 else prosody.f0_mean_st
         return "lower" if pitch < self.model.voice_split_st else "higher"
 
-    def learn(self, prosody: Prosody, mass: float) -> None:
+    def learn(self, prosody: Prosody, mass: float, joy: float = 0.0) -> None:
         self.windows += 1
         self._masses.append(mass)
+        self._joy.append(joy)
         for name, values in self._values.items():
             value = getattr(prosody, name)
             if math.isfinite(value):
@@ -144,21 +163,25 @@ class Baseline:
         return {
             "windows": self.windows,
             "masses": list(self._masses),
+            "joy": list(self._joy),
             "values": {name: list(values) for name, values in self._values.items()},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.windows = int(state["windows"])
         self._masses.extend(float(m) for m in state["masses"][-BASELINE_MAX:])
+        self._joy.extend(float(m) for m in state.get("joy", [])[-BASELINE_MAX:])
         for name, values in state["values"].items():
             if name in self._values:  # a measure this model no longer uses is left out
                 self._values[name].extend(float(v) for v in values[-BASELINE_MAX:])
 
     def mass(self) -> float:
         """The speaker's usual high-arousal negative mass (the emotion model's, on calm speech)."""
-        n, k = len(self._masses), PRIOR_WINDOWS
-        median = float(np.median(self._masses)) if n else EMOTION_REFERENCE
-        return (n * median + k * EMOTION_REFERENCE) / (n + k)
+        return _usual(self._masses, EMOTION_REFERENCE)
+
+    def joy(self) -> float:
+        """The speaker's usual joy mass (the emotion model's, on calm speech)."""
+        return _usual(self._joy, JOY_REFERENCE)
 
     def centre_spread(self, name: str, voice: str, value: float) -> tuple[float, float]:
         """The reference for ``name``: the speaker's median and MAD, blended with the population
@@ -179,6 +202,17 @@ class Baseline:
         centre = (n * median + k * prior_centre) / (n + k) if n + k else median
         spread = (n * mad + ks * prior_spread) / (n + ks)
         return centre, max(spread, self.model.spread_floor[name])
+
+
+def _usual(masses: deque[float], reference: float) -> float:
+    n, k = len(masses), PRIOR_WINDOWS
+    median = float(np.median(masses)) if n else reference
+    return (n * median + k * reference) / (n + k)
+
+
+def _mass(scores: dict[str, float], labels: dict[str, float]) -> float:
+    mass = float(sum(scores.get(k, 0.0) * w for k, w in labels.items()))
+    return min(1.0, max(0.0, mass)) if math.isfinite(mass) else 0.0
 
 
 class StressScorer:
@@ -229,13 +263,21 @@ class StressScorer:
         log_odds = m.intercept
         measured = prosody.measured
         voice = self.baseline.voice(prosody) if measured else "higher"
+        valence: dict[str, float] = {}
+        valence_log_odds = 0.0
         if measured:
             for name, weight in m.weights.items():
                 value = getattr(prosody, name)
-                if weight == 0.0 or not math.isfinite(value):
+                valence_weight = m.valence_weights.get(name, 0.0) if m.valence_weight else 0.0
+                if (weight == 0.0 and valence_weight == 0.0) or not math.isfinite(value):
                     continue  # a measure the fitted index does not use, or did not get
                 centre, spread = self.baseline.centre_spread(name, voice, value)
                 z = float(np.clip((value - centre) / spread, -m.z_clip, m.z_clip))
+                if valence_weight:
+                    valence[name] = round(z, 2)
+                    valence_log_odds += valence_weight * z
+                if weight == 0.0:
+                    continue
                 log_odds += weight * z
                 components[name] = {
                     "value": round(value, 4),
@@ -246,11 +288,20 @@ class StressScorer:
                     "weight": weight,
                     "points": round(m.scale * weight * z, 1),
                 }
+            if valence:
+                log_odds += m.valence_weight * valence_log_odds
+                components["prosodic_valence"] = {
+                    "value": round(valence_log_odds, 3),
+                    "unit": "log-odds, strain over joy",
+                    "measures": valence,  # their z-scores
+                    "weights": {k: m.valence_weights[k] for k in valence},
+                    "weight": m.valence_weight,
+                    "points": round(m.scale * m.valence_weight * valence_log_odds, 1),
+                }
         elif prosody_missing is not None:
             components["prosody"] = {"available": False, "reason": prosody_missing, "points": 0.0}
         prosodic = m.offset + m.scale * log_odds
-        mass = float(sum(scores.get(k, 0.0) * w for k, w in m.emotion_labels.items()))
-        mass = min(1.0, max(0.0, mass)) if math.isfinite(mass) else 0.0
+        mass = _mass(scores, m.emotion_labels)
         usual = self.baseline.mass()
         emotion_points = m.scale * m.emotion_weight * (mass - usual)
         components["emotion_arousal"] = {
@@ -261,10 +312,23 @@ class StressScorer:
             "weight": m.emotion_weight,
             "points": round(emotion_points, 1),
         }
+        joy = _mass(scores, m.joy_labels)
+        if m.joy_labels:
+            usual_joy = self.baseline.joy()
+            joy_points = m.scale * m.joy_weight * (joy - usual_joy)
+            emotion_points += joy_points
+            components["emotion_valence"] = {
+                "value": round(joy, 3),
+                "baseline": round(usual_joy, 3),
+                "unit": "probability",
+                "labels": dict(m.joy_labels),
+                "weight": m.joy_weight,
+                "points": round(joy_points, 1),
+            }
         raw = float(np.clip(prosodic + emotion_points, 0.0, 100.0))
         compared_with = self.baseline.windows
         if measured and (self.calibrating or prosodic < ELEVATED):
-            self.baseline.learn(prosody, mass)  # after scoring: never its own reference
+            self.baseline.learn(prosody, mass, joy)  # after scoring: never its own reference
         if self._smoothed is None:
             self._smoothed = raw
         else:

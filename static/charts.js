@@ -31,6 +31,8 @@ const COMPONENT_NAMES = {
   peaks_per_s: "Speech rate (loudness peaks)",
   voiced_per_s: "Voiced segments per second",
   emotion_arousal: "Emotion: angry / fearful / disgusted (vs usual)",
+  emotion_valence: "Emotion: happy (vs usual)",
+  prosodic_valence: "Voice: strain rather than joy (pitch range, low-frequency slope)",
   prosody: "Prosody",
 };
 
@@ -209,6 +211,8 @@ function renderComponents(container, stress) {
     const points = c.points || 0;
     const detail = c.available === false
       ? `not measured for this window (${c.reason}); stress rests on the emotions, with lower confidence`
+      : "measures" in c
+        ? `${Object.entries(c.measures).map(([k, z]) => `${COMPONENT_NAMES[k] || k} z ${z >= 0 ? "+" : ""}${fmt(z, 2)}`).join(", ")}`
       : "z" in c
         ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
         : `${fmt(c.value * 100, 0)}% of the emotion distribution (usual ${fmt((c.baseline || 0) * 100, 0)}%)`;

@@ -87,7 +87,7 @@ class Rule:
     @property
     def reads_emotion(self) -> bool:
         """Whether the value comes (in part) from the emotion model."""
-        if self.path.startswith("stress.components.emotion_arousal"):
+        if self.path.startswith("stress.components.emotion_"):
             return True
         return not self.path.startswith(_NO_EMOTION)
 

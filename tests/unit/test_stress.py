@@ -102,6 +102,41 @@ def test_the_emotion_term_counts_only_above_the_speakers_usual():
     assert angry.prosodic_index == usual.prosodic_index
 
 
+def test_joy_in_the_emotion_model_takes_points_away_above_the_speakers_usual():
+    voice = aroused(1.5)  # high enough that taking points away is not clipped at 0
+    usual = calibrated(smoothing=1.0).update(voice, {"happy": 0.1}, 1.0)
+    joyful = calibrated(smoothing=1.0).update(voice, {"happy": 0.9}, 1.0)
+    component = joyful.components["emotion_valence"]
+    assert component["value"] == pytest.approx(0.9) and component["baseline"] == pytest.approx(0.1)
+    assert joyful.raw_index - usual.raw_index == pytest.approx(
+        -30 * (0.9 - 0.1), abs=1.0
+    )  # the documented prior: -30 points per unit of happy mass above the usual
+    assert joyful.prosodic_index == usual.prosodic_index  # an emotion term, not prosody
+
+
+def test_a_wider_pitch_range_at_the_same_arousal_reads_as_joy_and_says_so():
+    model = default_model()
+    assert model.valence_weight > 0 and model.valence_weights["f0_range_st"] < 0
+    spread = model.prior["lower"]["f0_range_st"][1]
+    voice = aroused(1.0)  # elevated, not clipped at 100
+    singing = dataclasses.replace(voice, f0_range_st=voice.f0_range_st + 3 * spread)
+    strained = calibrated(smoothing=1.0).update(voice, NEUTRAL, 1.0)
+    joyful = calibrated(smoothing=1.0).update(singing, NEUTRAL, 1.0)
+    assert joyful.prosodic_index < strained.prosodic_index - 5
+    valence = joyful.components["prosodic_valence"]
+    assert (
+        valence["measures"]["f0_range_st"]
+        > strained.components["prosodic_valence"]["measures"]["f0_range_st"]
+    )
+    expected = sum(valence["weights"][k] * z for k, z in valence["measures"].items())
+    assert valence["value"] == pytest.approx(expected, abs=0.02)
+    assert valence["points"] == pytest.approx(
+        model.scale * model.valence_weight * valence["value"], abs=0.2
+    )
+    total = joyful.base + sum(c["points"] for c in joyful.components.values())
+    assert min(100.0, max(0.0, total)) == pytest.approx(joyful.raw_index, abs=0.6)
+
+
 def test_the_baseline_learns_calm_speech_and_not_elevated_speech():
     scorer = calibrated(n=4)
     learned = scorer.baseline.windows
@@ -166,10 +201,15 @@ def test_a_stress_model_loads_from_its_json(tmp_path):
 
     data = json.loads(MODEL_FILE.read_text())
     data["weights"] = dict.fromkeys(data["weights"], 0.0)
+    data["valence"]["weight"] = 0.0
     (tmp_path / "m.json").write_text(json.dumps(data))
     flat = StressModel.load(tmp_path / "m.json")
     result = StressScorer(model=flat).update(aroused(3.0), NEUTRAL, 1.0)
-    assert [c for c in result.components if c not in ("emotion_arousal",)] == []
+    assert sorted(result.components) == ["emotion_arousal", "emotion_valence"]
+    del data["valence"], data["emotion"]["joy"]  # a model file written before valence
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = StressScorer(model=StressModel.load(tmp_path / "old.json"))
+    assert sorted(old.update(aroused(3.0), NEUTRAL, 1.0).components) == ["emotion_arousal"]
 
 
 def test_espeak_stressed_speech_after_a_calm_baseline_scores_clearly_higher(tiny_model):
