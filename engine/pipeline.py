@@ -22,6 +22,7 @@ from engine.model import WindowAnswer
 from engine.prosody import Prosody, measure
 from engine.ring_buffer import RingBuffer
 from engine.stress import StressResult, StressScorer
+from engine.utterances import Utterance, UtteranceCutter
 from engine.vad import VadEvent, VadGate
 from engine.windowing import Window, WindowScheduler
 
@@ -38,12 +39,17 @@ class PipelineConfig:
     buffer_s: float = 10.0
     baseline_windows: int = 3
     stress_smoothing: float = 0.7  # weight of the newest window in the smoothed index
+    utterances: bool = False  # cut utterances (engine/utterances.py) besides the windows
+    max_utterance_s: float = 30.0
+    min_utterance_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.25 <= self.window_s <= 30.0:
             raise ValueError(f"window_s must be within 0.25-30 s, got {self.window_s}")
         if not 0.1 <= self.hop_s <= self.window_s:
             raise ValueError(f"hop_s must be within 0.1 s and window_s, got {self.hop_s}")
+        if not 1.0 <= self.max_utterance_s <= 60.0:
+            raise ValueError(f"max_utterance_s must be within 1-60 s, got {self.max_utterance_s}")
         if self.buffer_s < self.window_s + self.hop_s:
             raise ValueError(
                 f"buffer_s ({self.buffer_s}) must hold at least window_s + hop_s "
@@ -69,6 +75,7 @@ class Fed:
     windows: list[Window] = field(default_factory=list)
     vad_events: list[VadEvent] = field(default_factory=list)
     skipped_silence: int = 0
+    utterances: list[Utterance] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -97,6 +104,37 @@ class FrameResult:
         if self.narrowband:
             out["narrowband"] = True
         return out
+
+
+@dataclass(slots=True)
+class UtteranceResult:
+    """An utterance classified as one clip, its stress against the speaker's same baseline."""
+
+    seq: int
+    start_s: float
+    end_s: float
+    emotion: str
+    confidence: float
+    scores: dict[str, float]
+    stress: StressResult
+    voiced_s: float  # voiced speech inside it (openSMILE's voicing)
+    split: bool  # cut at max_utterance_s, not at a pause
+    answer: WindowAnswer
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "utterance_seq": self.seq,
+            "start_s": round(self.start_s, 3),
+            "end_s": round(self.end_s, 3),
+            "emotion": self.emotion,
+            "confidence": round(self.confidence, 4),
+            "scores": {k: round(v, 4) for k, v in self.scores.items()},
+            "stress": self.stress.as_dict(),
+            "speech_s": round(self.end_s - self.start_s, 3),
+            "voiced_s": round(self.voiced_s, 3),
+            "split": self.split,
+            **self.answer.as_dict(),
+        }
 
 
 class Summary:
@@ -223,6 +261,15 @@ class StreamPipeline:
             narrowband=self.narrowband,
         )
         self.summary = Summary(labels)
+        self._cutter = (
+            UtteranceCutter(
+                max_s=config.max_utterance_s,
+                min_s=config.min_utterance_s,
+                seq=int(resume.get("utterances", 0)) if resume else 0,
+            )
+            if config.utterances
+            else None
+        )
         self.skipped_silence = 0
         self._speech_before = 0.0  # speech seconds of the process this stream continues
         self.finished = False
@@ -240,6 +287,7 @@ class StreamPipeline:
             "skipped_silence": self.skipped_silence,
             "summary": self.summary.state(),
             "scorer": self.scorer.state(),
+            "utterances": self._cutter.seq if self._cutter else 0,
         }
 
     @property
@@ -276,7 +324,10 @@ class StreamPipeline:
         for at in range(0, samples.shape[0], step):
             part = samples[at : at + step]
             self._ring.write(part)
-            fed.vad_events += self._vad.process(part)
+            events = self._vad.process(part)
+            fed.vad_events += events
+            if self._cutter is not None:
+                fed.utterances += self._cutter.feed(self._ring, self._ring.end, part, events)
             due = self._scheduler.due(self._ring.end, self._vad)
             fed.windows += [self._window(w) for w in due.windows]
             fed.skipped_silence += due.skipped_silence
@@ -290,13 +341,15 @@ class StreamPipeline:
         plan = self._scheduler.finish(self._ring.end, self._vad)
         if plan is not None and plan.end - plan.start >= MIN_FINAL_WINDOW_S * SAMPLE_RATE:
             fed.windows.append(self._window(plan))
+        if self._cutter is not None:
+            fed.utterances += self._cutter.finish(self._ring.end)
         return fed
 
     def _window(self, window: Window) -> Window:
         window.samples = self._ring.read(window.start, window.end)
         return window
 
-    def measure(self, window: Window) -> Prosody:
+    def measure(self, window: Window | Utterance) -> Prosody:
         return measure(window.samples, narrowband=self.narrowband)
 
     def complete(
@@ -310,9 +363,7 @@ class StreamPipeline:
         """Combine what the model said of a window and its prosody into its result; windows in
         stream order. ``prosody_missing`` says why the window has no prosody (its stress then
         rests on the emotions alone, with lower confidence)."""
-        if not np.isfinite(answer.probs).all():
-            raise ValueError("the window's probabilities are not finite")
-        scores = {label: float(p) for label, p in zip(self.labels, answer.probs, strict=True)}
+        scores = self._scores(answer)
         best = max(scores, key=scores.__getitem__)
         result = FrameResult(
             start_s=window.start_s,
@@ -329,6 +380,31 @@ class StreamPipeline:
         )
         self.summary.add(result)
         return result
+
+    def complete_utterance(
+        self, utterance: Utterance, answer: WindowAnswer, prosody: Prosody
+    ) -> UtteranceResult:
+        """What the model said of a whole utterance, and its stress: the same speaker baseline
+        as the windows, neither learnt from nor smoothed."""
+        scores = self._scores(answer)
+        best = max(scores, key=scores.__getitem__)
+        return UtteranceResult(
+            seq=utterance.seq,
+            start_s=utterance.start_s,
+            end_s=utterance.end_s,
+            emotion=best,
+            confidence=scores[best],
+            scores=scores,
+            stress=self.scorer.assess(prosody, scores, 1.0),
+            voiced_s=prosody.voiced_fraction * (utterance.end_s - utterance.start_s),
+            split=utterance.split,
+            answer=answer,
+        )
+
+    def _scores(self, answer: WindowAnswer) -> dict[str, float]:
+        if not np.isfinite(answer.probs).all():
+            raise ValueError("the model's probabilities are not finite")
+        return {label: float(p) for label, p in zip(self.labels, answer.probs, strict=True)}
 
     def summary_dict(self) -> dict[str, Any]:
         out = self.summary.as_dict()

@@ -258,6 +258,26 @@ class StressScorer:
         *,
         prosody_missing: str | None = None,
     ) -> StressResult:
+        """The next window: scored against the baseline, then learnt into it if calm, and
+        smoothed with the windows before it."""
+        return self._score(prosody, scores, speech_ratio, prosody_missing, learn=True)
+
+    def assess(
+        self, prosody: Prosody, scores: dict[str, float], speech_ratio: float
+    ) -> StressResult:
+        """A stretch of this speaker's audio as a whole (an utterance): scored against the same
+        baseline, without learning it or smoothing (``index`` is ``raw_index``)."""
+        return self._score(prosody, scores, speech_ratio, None, learn=False)
+
+    def _score(
+        self,
+        prosody: Prosody,
+        scores: dict[str, float],
+        speech_ratio: float,
+        prosody_missing: str | None,
+        *,
+        learn: bool,
+    ) -> StressResult:
         m = self.model
         components: dict[str, dict[str, Any]] = {}
         log_odds = m.intercept
@@ -327,13 +347,16 @@ class StressScorer:
             }
         raw = float(np.clip(prosodic + emotion_points, 0.0, 100.0))
         compared_with = self.baseline.windows
-        if measured and (self.calibrating or prosodic < ELEVATED):
-            self.baseline.learn(prosody, mass, joy)  # after scoring: never its own reference
-        if self._smoothed is None:
-            self._smoothed = raw
+        if not learn:
+            index = round(raw, 1)
         else:
-            self._smoothed = self.smoothing * raw + (1.0 - self.smoothing) * self._smoothed
-        index = round(self._smoothed, 1)
+            if measured and (self.calibrating or prosodic < ELEVATED):
+                self.baseline.learn(prosody, mass, joy)  # after scoring: never its own reference
+            if self._smoothed is None:
+                self._smoothed = raw
+            else:
+                self._smoothed = self.smoothing * raw + (1.0 - self.smoothing) * self._smoothed
+            index = round(self._smoothed, 1)
         return StressResult(
             index=index,
             raw_index=round(raw, 1),
