@@ -8,13 +8,15 @@ arousal from its own calm reference.
    whose ordinary voice is far from the average still gets a baseline; the median keeps one loud
    word out of it. While the baseline is short it is blended with a population prior chosen by the
    voice's pitch (a lower or a higher voice), worth ``PRIOR_WINDOWS`` windows.
-2. A logistic regression fitted on speaker-normalised measures (bench/stress.py: RAVDESS actors,
-   leave-one-speaker-out; the numbers are in stress_model.json) weighs the z-scores. Their sum
+2. A logistic regression fitted on speaker-normalised measures (bench/stress.py: acted English
+   and Polish speech, leave-one-speaker-out; the numbers are in stress_model.json) weighs the
+   z-scores. Their sum
    with its intercept is the prosodic log-odds that the voice is in a high-arousal state.
 3. Valence, so that joy is not read as stress, where the voice allows it:
    - prosodic valence: a second regression on the same z-scores (fitted on angry+fearful against
      happy, bench/stress.py) gives log-odds of strain over joy; the index takes
-     ``valence_weight`` (chosen leave-one-speaker-out, 0 if it does not generalise) of it;
+     ``valence_weight`` of it (0.75: the trade-off against calm speech, measured leave one
+     speaker out, is in BENCHMARKS.md);
    - emotion valence: the emotion model's happy mass above the speaker's usual takes log-odds
      away with a documented prior weight.
    The emotion model's high-arousal negative mass (angry + fearful + ½ disgusted), above the same
