@@ -78,6 +78,25 @@ class Fed:
     utterances: list[Utterance] = field(default_factory=list)
 
 
+def _classified(
+    start_s: float,
+    end_s: float,
+    emotion: str,
+    confidence: float,
+    scores: dict[str, float],
+    stress: StressResult,
+) -> dict[str, Any]:
+    """The fields a window's and an utterance's results share, as the wire carries them."""
+    return {
+        "start_s": round(start_s, 3),
+        "end_s": round(end_s, 3),
+        "emotion": emotion,
+        "confidence": round(confidence, 4),
+        "scores": {k: round(v, 4) for k, v in scores.items()},
+        "stress": stress.as_dict(),
+    }
+
+
 @dataclass(slots=True)
 class FrameResult:
     start_s: float
@@ -92,12 +111,9 @@ class FrameResult:
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "start_s": round(self.start_s, 3),
-            "end_s": round(self.end_s, 3),
-            "emotion": self.emotion,
-            "confidence": round(self.confidence, 4),
-            "scores": {k: round(v, 4) for k, v in self.scores.items()},
-            "stress": self.stress.as_dict(),
+            **_classified(
+                self.start_s, self.end_s, self.emotion, self.confidence, self.scores, self.stress
+            ),
             "speech_ratio": round(self.speech_ratio, 3),
             **self.answer.as_dict(),
         }
@@ -124,12 +140,9 @@ class UtteranceResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "utterance_seq": self.seq,
-            "start_s": round(self.start_s, 3),
-            "end_s": round(self.end_s, 3),
-            "emotion": self.emotion,
-            "confidence": round(self.confidence, 4),
-            "scores": {k: round(v, 4) for k, v in self.scores.items()},
-            "stress": self.stress.as_dict(),
+            **_classified(
+                self.start_s, self.end_s, self.emotion, self.confidence, self.scores, self.stress
+            ),
             "speech_s": round(self.end_s - self.start_s, 3),
             "voiced_s": round(self.voiced_s, 3),
             "split": self.split,
