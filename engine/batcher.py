@@ -23,6 +23,16 @@ never served goes first, the earliest deadline first among those), so under over
 thins evenly instead of first come, first served. Turns count service, not demand: a key whose
 window expired unserved keeps its place for the next turn (tie-breaking by deadline alone would
 hand every contest to the streams whose audio happens to arrive a few milliseconds earlier).
+``utterance`` requests (a whole utterance, classified as one clip: engine/utterances.py) come
+next. One runs only when no live request waits and it cannot make a live window late: no live
+window was due over the last ``DEMAND_WINDOW_S``; or, with several lanes, the other lanes' capacity
+covers the live demand with room to spare; or its expected time, plus a batch of the live windows
+that may come due meanwhile, fits inside the live latency budget. Each runs alone (clips differ in
+length) on at most ``lanes - 1`` lanes at once (one, with one lane). So under load they wait, in
+the order they came, and are late rather than lost — up to their ``deadline`` (the submitter's
+limit of lateness), and up to ``UTTERANCE_KEY_MAX_S`` of audio waiting per key; beyond either, the
+oldest is dropped unanalysed (:class:`WindowExpired`, ``reason`` "late" or "backlog"), which the
+caller counts.
 ``bulk`` requests (whole-file analysis) have no deadline and run only when no live request
 waits, in batches of at most ``bulk_max_batch``, so a live window that arrives meanwhile waits
 for one small batch at most.
@@ -52,13 +62,26 @@ from engine.model import WindowAnswer
 
 log = logging.getLogger(__name__)
 
-PRIORITIES = ("live", "bulk")
+PRIORITIES = ("live", "utterance", "bulk")
 SERVICE_SAMPLES = 9  # recent batches the expected batch time is the median of
 PROBE_AFTER_S = 1.0  # no batch this long: the next window runs, however slow it looks
 DEMAND_WINDOW_S = 10.0  # live demand is measured over this much recent time
 KEY_IDLE_S = 10.0  # a key with nothing waiting for this long leaves the rotation
 LIVE_QUEUE_MAX = 512  # live windows waiting at most (64 MB of 2 s windows): beyond, the most
 # overdue goes; the deadlines keep the queue far shorter than this in any real load
+UTTERANCE_KEY_MAX_S = 120.0  # utterance audio one key may have waiting; beyond, its oldest goes
+UTTERANCE_QUEUE_MAX_S = 900.0  # over every key (58 MB of float32); beyond, the oldest goes
+UTTERANCE_LIVE_SHARE = 0.7  # with several lanes: the live demand the other lanes may carry
+UTTERANCE_RECHECK_S = 0.05  # a worker with only utterances that do not fit looks again this often
+_SAMPLES_PER_S = 16_000
+
+
+_EXPIRED = {
+    "deadline": "the window could not be analysed by its deadline",
+    "late": "the utterance waited longer than its limit for idle model time",
+    "backlog": "newer utterances pushed the utterance out of the bounded queue",
+    "forgotten": "the utterance's session ended before it was analysed",
+}
 
 
 class BatchObserver(Protocol):
@@ -102,10 +125,16 @@ class BatcherClosed(RuntimeError):
 
 
 class WindowExpired(Exception):
-    """A live window that could no longer be answered by its deadline; it was not computed."""
+    """A request dropped unanalysed. ``reason``: "deadline" (a live window that could no longer
+    be answered in time), "late" (an utterance past its deadline), "backlog" (an utterance
+    pushed out by newer ones), "forgotten" (an utterance its caller gave up: :meth:`forget`)."""
+
+    def __init__(self, message: str, reason: str = "deadline") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Request:
     window: np.ndarray
     embeddings: bool
@@ -115,6 +144,7 @@ class _Request:
     deadline: float  # clock time its result is due by (inf: none)
     key: Hashable
     on_start: Callable[[], None] | None
+    expired_reason: str = "deadline"
 
 
 @dataclass(slots=True)
@@ -188,6 +218,12 @@ class InferenceBatcher:
         self._keys: dict[Hashable, _Key] = {}
         self._live = 0  # live requests waiting, over every key
         self._bulk: deque[_Request] = deque()
+        self._utterances: deque[_Request] = deque()  # in the order they came, every key
+        self._utterance_samples = 0  # audio waiting in them
+        self._utterance_busy = 0  # lanes running an utterance now
+        self._utterance_rate: deque[float] = deque(maxlen=SERVICE_SAMPLES)  # model s per sample
+        self._live_samples = 2 * _SAMPLES_PER_S  # a live window's length, as last seen
+        self._budget_s = float("inf")  # a live window's latency budget, as last seen
         self._turns = 0  # live requests taken so far: orders keys by when they were served
         self._busy = 0  # lanes inside the model now
         self._last_done = float("-inf")  # clock time the last batch ended
@@ -205,7 +241,15 @@ class InferenceBatcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._live + len(self._bulk)
+        return self._live + len(self._utterances) + len(self._bulk)
+
+    def expected_utterance_s(self, samples: int) -> float:
+        """Expected model seconds of one clip of ``samples``: the median seconds per sample of
+        recent utterances, else a live window's time scaled by length. (A transformer's cost
+        grows a little faster than the length: the record, once there is one, says how much.)"""
+        if self._utterance_rate:
+            return statistics.median(self._utterance_rate) * samples
+        return self.service.per_window * samples / self._live_samples
 
     @property
     def capacity_windows_per_s(self) -> float:
@@ -228,9 +272,10 @@ class InferenceBatcher:
         key: Hashable = None,
         on_start: Callable[[], None] | None = None,
     ) -> Future[InferenceResult]:
-        """Queue one window. ``deadline`` (live only): clock time its result is due by.
-        ``key``: the track it belongs to (fairness and order). ``on_start``: called once a
-        worker takes the request into a batch (not for one that expires)."""
+        """Queue one window. ``deadline``: clock time a live window's result is due by, or the
+        latest an utterance may start (bulk: ignored). ``key``: the track it belongs to
+        (fairness and order). ``on_start``: called once a worker takes the request into a
+        batch (not for one that expires)."""
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
         future: Future[InferenceResult] = Future()
@@ -252,7 +297,12 @@ class InferenceBatcher:
             )
             if priority == "bulk":
                 self._bulk.append(request)
+            elif priority == "utterance":
+                expired += self._add_utterance(request)
             else:
+                self._live_samples = window.shape[0]
+                if deadline is not None:
+                    self._budget_s = deadline - now
                 self._due.append(now)
                 self._forget_demand(now)
                 queue = self._keys.get(key)
@@ -271,6 +321,43 @@ class InferenceBatcher:
         self._observer.queue_changed(depth)
         return future
 
+    def forget(self, key: Hashable) -> int:
+        """Drop every utterance of ``key`` still waiting (its session ended without them); how
+        many."""
+        with self._cond:
+            gone = [r for r in self._utterances if r.key == key]
+            if gone:
+                self._utterances = deque(r for r in self._utterances if r.key != key)
+                for request in gone:
+                    request.expired_reason = "forgotten"
+                    self._utterance_samples -= request.window.shape[0]
+        self._expire(gone)
+        return len(gone)
+
+    def _add_utterance(self, request: _Request) -> list[_Request]:
+        """Queue an utterance; the ones it pushes out (its key's oldest beyond
+        UTTERANCE_KEY_MAX_S of audio, then the oldest of all beyond UTTERANCE_QUEUE_MAX_S)."""
+        self._utterances.append(request)
+        self._utterance_samples += request.window.shape[0]
+        out: list[_Request] = []
+        mine = [r for r in self._utterances if r.key == request.key]
+        held = sum(r.window.shape[0] for r in mine)
+        while len(mine) > 1 and held > UTTERANCE_KEY_MAX_S * _SAMPLES_PER_S:
+            oldest = mine.pop(0)
+            held -= oldest.window.shape[0]
+            out.append(oldest)
+        while len(self._utterances) - len(out) > 1 and (
+            self._utterance_samples - sum(r.window.shape[0] for r in out)
+            > UTTERANCE_QUEUE_MAX_S * _SAMPLES_PER_S
+        ):
+            oldest = next(r for r in self._utterances if r not in out)
+            out.append(oldest)
+        for gone in out:
+            gone.expired_reason = "backlog"
+            self._utterances.remove(gone)
+            self._utterance_samples -= gone.window.shape[0]
+        return out
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Finish what is queued, refuse anything new, and stop the workers."""
         with self._cond:
@@ -288,39 +375,49 @@ class InferenceBatcher:
             self._expire(expired)
             if batch is None:
                 return
+            utterance = bool(batch) and batch[0].priority == "utterance"
             # A request its caller gave up on (future cancelled) is dropped, not computed.
             batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
             self._observer.queue_changed(self.queue_depth)
             for request in batch:
                 if request.on_start is not None:
                     request.on_start()
-            if batch:
+            with self._cond:
+                self._busy += bool(batch)
+            try:
+                if batch:
+                    self._run_batch(batch, utterance=utterance)
+            finally:
                 with self._cond:
-                    self._busy += 1
-                try:
-                    self._run_batch(batch)
-                finally:
-                    with self._cond:
-                        self._busy -= 1
+                    self._busy -= bool(batch)
+                    self._utterance_busy -= utterance
+                    if batch:
                         self._last_done = self._clock()
+                    self._cond.notify_all()
 
     def _next_batch(self) -> tuple[list[_Request] | None, list[_Request]]:
         """Live requests that can still make their deadlines, chosen fairly (waiting up to
-        max_wait for more while the batch is not full), else a small bulk batch. None once
-        closed and drained; empty when only expired requests were found. Also the live requests
-        that expired meanwhile."""
+        max_wait for more while the batch is not full), else an utterance that fits (alone),
+        else a small bulk batch. None once closed and drained; empty when only expired requests
+        were found. Also the requests that expired meanwhile."""
         expired: list[_Request] = []
         with self._cond:
             while True:
                 expired += self._sweep()
-                if self._live or self._bulk:
+                utterance = self._utterance_that_fits()
+                if self._live or self._bulk or utterance:
                     break
                 if expired:  # resolved before this worker waits for more
                     return [], expired
-                if self._closed:
+                if self._closed and not self._utterances:
                     return None, expired
-                self._cond.wait()
+                self._cond.wait(UTTERANCE_RECHECK_S if self._utterances else None)
             if not self._live:
+                if utterance:
+                    request = self._utterances.popleft()
+                    self._utterance_samples -= request.window.shape[0]
+                    self._utterance_busy += 1
+                    return [request], expired
                 length = self._bulk[0].window.shape[0]
                 batch: list[_Request] = []
                 while self._bulk and len(batch) < self.bulk_max_batch:
@@ -343,6 +440,32 @@ class InferenceBatcher:
                     break
                 self._cond.wait(remaining)
             return batch, expired
+
+    def _utterance_that_fits(self) -> bool:
+        """Whether the oldest waiting utterance may run now without making a live window late
+        (the rules are in the module's docstring). Closed, every one runs."""
+        if not self._utterances or self._live:
+            return False
+        if self._closed:
+            return True
+        if self._utterance_busy >= max(1, self.lanes - 1):
+            return False
+        now = self._clock()
+        self._forget_demand(now)
+        if not self._due:
+            return True
+        demand = len(self._due) / DEMAND_WINDOW_S
+        free_lanes = self.lanes - 1 - self._utterance_busy - max(0, self._busy - 1)
+        per_window = max(self.service.per_window, 1e-6)
+        if free_lanes > 0 and demand <= UTTERANCE_LIVE_SHARE * free_lanes / per_window:
+            return True
+        tracks = min(self.max_batch, max(1, len(self._keys)))
+        takes = (
+            self.expected_utterance_s(self._utterances[0].window.shape[0])
+            + self.service.expected(tracks)
+            + self.slack_s
+        )
+        return takes <= self._budget_s
 
     def _fits(self, batch: list[_Request], key: Hashable) -> bool:
         """Whether ``key``'s next request can join ``batch``: the same length, and the bigger
@@ -386,10 +509,16 @@ class InferenceBatcher:
         time (a key's requests are in deadline order: only heads need looking at). When no
         batch has run for PROBE_AFTER_S, only what is already past its deadline goes: the
         estimate may be stale (the model was slow for a while, then everything expired and
-        nothing ran), and running a window is how it is learnt again."""
-        if not self._live:
-            return []
+        nothing ran), and running a window is how it is learnt again. Utterances past their
+        deadline go too ("late")."""
         now = self._clock()
+        late = [r for r in self._utterances if r.deadline < now]
+        for request in late:
+            request.expired_reason = "late"
+            self._utterances.remove(request)
+            self._utterance_samples -= request.window.shape[0]
+        if not self._live:
+            return late
         fresh = self._busy or now - self._last_done <= PROBE_AFTER_S
         earliest = now + self.service.expected(1) + self.slack_s if fresh else now
         out: list[_Request] = []
@@ -398,7 +527,7 @@ class InferenceBatcher:
             while waiting and waiting[0].deadline < earliest:
                 out.append(waiting.popleft())
         self._live -= len(out)
-        return out
+        return late + out
 
     def _pop_most_overdue(self) -> _Request:
         waiting = [k for k, q in self._keys.items() if q.waiting]
@@ -415,11 +544,10 @@ class InferenceBatcher:
     def _expire(requests: list[_Request]) -> None:
         for request in requests:
             if request.future.set_running_or_notify_cancel():
-                request.future.set_exception(
-                    WindowExpired("the window could not be analysed by its deadline")
-                )
+                reason = request.expired_reason
+                request.future.set_exception(WindowExpired(_EXPIRED[reason], reason))
 
-    def _run_batch(self, batch: list[_Request]) -> None:
+    def _run_batch(self, batch: list[_Request], *, utterance: bool = False) -> None:
         started = self._clock()
         try:
             prediction = self.predictor.predict(
@@ -436,7 +564,10 @@ class InferenceBatcher:
             return
         seconds = self._clock() - started
         with self._cond:
-            self.service.observe(len(batch), seconds)
+            if utterance:  # another length: not a live window's record
+                self._utterance_rate.append(seconds / max(1, batch[0].window.shape[0]))
+            else:
+                self.service.observe(len(batch), seconds)
         outcome = "fallback" if prediction.fallback_reason else "ok"
         self._observer.batch_done(prediction.device, len(batch), seconds, outcome)
         for i, request in enumerate(batch):

@@ -599,3 +599,163 @@ def test_circuit_breaker_states():
     now[0] = 20.0
     breaker.success()
     assert breaker.state == "closed" and breaker.failures == 0
+
+
+# --- utterances: whole clips in the live streams' idle time -------------------------------------
+
+
+class LengthModel(TimedModel):
+    """Takes ``seconds`` of the scripted clock per second of audio in the batch, so a long clip
+    takes longer than a window; ``started`` records each batch's start and lengths."""
+
+    def predict(self, windows, *, embeddings=False):
+        seconds, self.seconds = self.seconds, self.seconds * windows.shape[1] / 16000
+        try:
+            return super().predict(windows, embeddings=embeddings)
+        finally:
+            self.seconds = seconds
+
+
+def clip(value: float, seconds: float) -> np.ndarray:
+    return window(value, int(seconds * 16000))
+
+
+def pending(future, seconds: float = 0.3) -> bool:
+    """Still waiting after ``seconds`` of real time (the worker looked again meanwhile)."""
+    time.sleep(seconds)
+    return not future.done()
+
+
+def test_live_windows_go_before_utterances_and_utterances_before_bulk():
+    clock = Clock()
+    model = FakeModel(hold=True)
+    batcher = InferenceBatcher(model, max_batch=2, max_wait_ms=0, clock=clock)
+    held(model, batcher)
+    bulk = batcher.submit(window(0.3), priority="bulk")
+    utterance = batcher.submit(clip(0.2, 3.0), priority="utterance", deadline=100.0, key="a")
+    live = batcher.submit(window(0.1), deadline=100.0, key="a")
+    model.release.set()
+    assert [outcome(f) for f in (bulk, utterance, live)] == ["ok"] * 3
+    assert model.batches[1:] == [[0.1], [0.2], [0.3]]
+    batcher.close()
+
+
+def test_with_live_streams_running_an_utterance_runs_only_if_it_fits_inside_their_budget():
+    """One lane, a live window 0.2 s: an utterance of 4 s (0.4 s) plus a live window fits the
+    1.5 s budget and runs between live windows; one of 20 s (2 s) would make a live window that
+    arrives meanwhile late, so it waits until no live window came due for DEMAND_WINDOW_S."""
+    clock = Clock()
+    model = LengthModel(clock, seconds=0.1)
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.2, clock=clock
+    )
+    assert outcome(batcher.submit(clip(0.1, 2.0), deadline=1.5, key="a")) == "ok"
+    short = batcher.submit(clip(0.2, 4.0), priority="utterance", deadline=60.0, key="a")
+    assert outcome(short) == "ok"
+    long = batcher.submit(clip(0.3, 20.0), priority="utterance", deadline=60.0, key="a")
+    assert pending(long)
+    clock.now += batcher_module.DEMAND_WINDOW_S + 0.1  # the live stream has gone quiet
+    assert outcome(long) == "ok"
+    assert model.batches == [[0.1], [0.2], [0.3]]
+    # what utterances really took is what the next ones are expected to take
+    assert batcher.expected_utterance_s(16000) == pytest.approx(0.1)
+    batcher.close()
+
+
+def test_an_utterance_that_runs_never_makes_a_live_window_that_arrives_meanwhile_late():
+    """Every batch ends with a live window that arrived as the batch began (the worst case for
+    it); utterances of 6 s (0.6 s), 12 s (1.2 s: with a window after it, more than the 1.5 s
+    budget) and 3 s wait for idle time: the first runs, the second waits, and so does the third
+    behind it (a track's utterances go in order); no live window is late."""
+    clock = Clock()
+    budget = 1.5
+    answered: list[tuple[float, float]] = []  # (deadline, clock when answered)
+    submitted: list[float] = []
+
+    def live(deadline: float) -> None:
+        submitted.append(deadline)
+        f = batcher.submit(clip(0.1, 2.0), deadline=deadline, key="live")
+        f.add_done_callback(lambda f, d=deadline: answered.append((d, clock.now)))
+
+    def arrivals(now: float) -> None:
+        if len(model.spans) < 12:
+            live(model.spans[-1][0] + budget)
+
+    model = LengthModel(clock, seconds=0.1, arrivals=arrivals)
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.2, clock=clock
+    )
+    model.hold, model.release = True, threading.Event()
+    live(budget)
+    utterances = [
+        batcher.submit(clip(0.5, s), priority="utterance", deadline=1e9, key="live")
+        for s in (6.0, 12.0, 3.0)
+    ]
+    model.release.set()
+    assert outcome(utterances[0]) == "ok"
+    deadline = time.monotonic() + WAIT_S
+    while len(answered) < len(submitted) or len(model.spans) < 12:
+        assert time.monotonic() < deadline, "the scripted run did not finish"
+        time.sleep(0.01)
+    assert all(done <= due + 1e-9 for due, done in answered)
+    assert pending(utterances[1]) and not utterances[2].done()
+    batcher.close()
+
+
+def test_under_overload_utterances_wait_and_past_their_limit_are_dropped_as_late():
+    clock = Clock()
+
+    def arrivals(now: float) -> None:
+        if now < 20:
+            for key in ("a", "b"):
+                batcher.submit(clip(0.1, 2.0), deadline=now + 1.5, key=key)
+
+    model = LengthModel(clock, seconds=0.2, arrivals=arrivals)  # 0.4 s a window, 2 due a second
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.4, clock=clock
+    )
+    arrivals(0.0)
+    late = batcher.submit(clip(0.5, 3.0), priority="utterance", deadline=5.0, key="a")
+    with pytest.raises(WindowExpired) as caught:
+        late.result(timeout=WAIT_S)
+    assert caught.value.reason == "late"
+    assert clock.now >= 5.0 and 0.5 not in [v for b in model.batches for v in b]
+    batcher.close()
+
+
+def test_a_track_s_utterance_backlog_is_bounded_and_the_oldest_goes(monkeypatch):
+    monkeypatch.setattr(batcher_module, "UTTERANCE_KEY_MAX_S", 10.0)
+    clock = Clock()
+    model = FakeModel(hold=True)
+    batcher = InferenceBatcher(model, max_batch=1, max_wait_ms=0, clock=clock)
+    held(model, batcher)
+    a = [
+        batcher.submit(clip(0.1 * i, 4.0), priority="utterance", deadline=1e9, key="a")
+        for i in range(1, 5)
+    ]
+    b = batcher.submit(clip(0.9, 8.0), priority="utterance", deadline=1e9, key="b")
+    assert [f.done() for f in a] == [True, True, False, False]  # 16 s of "a" would exceed 10
+    assert a[0].exception().reason == "backlog"
+    assert batcher.forget("b") == 1 and b.exception().reason == "forgotten"
+    model.release.set()
+    assert [outcome(f) for f in a[2:]] == ["ok", "ok"]
+    assert model.batches[1:] == [[0.3], [0.4]]  # in the order they came
+    batcher.close()
+
+
+def test_with_two_lanes_one_runs_an_utterance_while_the_other_carries_the_live_demand():
+    clock = Clock()
+    model = FakeModel(hold=True)
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, lanes=2, seconds_per_window=0.2, clock=clock
+    )
+    batcher.submit(window(0.1), deadline=1.5, key="live")  # live demand: 0.1 window/s
+    assert model.entered.wait(WAIT_S)
+    model.entered.clear()
+    first = batcher.submit(clip(0.2, 30.0), priority="utterance", deadline=1e9, key="a")
+    assert model.entered.wait(WAIT_S)  # on the other lane, while the live window is held
+    assert model.batches == [[0.1], [0.2]] and len(set(model.threads)) == 2
+    second = batcher.submit(clip(0.3, 30.0), priority="utterance", deadline=1e9, key="b")
+    model.release.set()
+    assert outcome(first) == "ok" and outcome(second) == "ok"
+    batcher.close()
