@@ -274,6 +274,7 @@ class StreamPipeline:
             narrowband=self.narrowband,
         )
         self.summary = Summary(labels)
+        self.utterance_summary = Summary(labels)  # of complete_utterance: each counts once
         self._cutter = (
             UtteranceCutter(
                 max_s=config.max_utterance_s,
@@ -288,6 +289,8 @@ class StreamPipeline:
         self.finished = False
         if resume:
             self.summary.restore(resume["summary"])
+            if "utterance_summary" in resume:
+                self.utterance_summary.restore(resume["utterance_summary"])
             self.scorer.restore(resume["scorer"])
             self.skipped_silence = int(resume["skipped_silence"])
             self._speech_before = float(resume["speech_s"])
@@ -301,6 +304,7 @@ class StreamPipeline:
             "summary": self.summary.state(),
             "scorer": self.scorer.state(),
             "utterances": self._cutter.seq if self._cutter else 0,
+            "utterance_summary": self.utterance_summary.state(),
         }
 
     @property
@@ -395,24 +399,33 @@ class StreamPipeline:
         return result
 
     def complete_utterance(
-        self, utterance: Utterance, answer: WindowAnswer, prosody: Prosody
+        self,
+        utterance: Utterance,
+        answer: WindowAnswer,
+        prosody: Prosody,
+        *,
+        prosody_missing: str | None = None,
     ) -> UtteranceResult:
         """What the model said of a whole utterance, and its stress: the same speaker baseline
-        as the windows, neither learnt from nor smoothed."""
+        as the windows, neither learnt from nor smoothed. Added to ``utterance_summary``."""
         scores = self._scores(answer)
         best = max(scores, key=scores.__getitem__)
-        return UtteranceResult(
+        result = UtteranceResult(
             seq=utterance.seq,
             start_s=utterance.start_s,
             end_s=utterance.end_s,
             emotion=best,
             confidence=scores[best],
             scores=scores,
-            stress=self.scorer.assess(prosody, scores, 1.0),
+            stress=self.scorer.assess(prosody, scores, 1.0, prosody_missing=prosody_missing),
             voiced_s=prosody.voiced_fraction * (utterance.end_s - utterance.start_s),
             split=utterance.split,
             answer=answer,
         )
+        self.utterance_summary.add_values(
+            result.scores, result.emotion, result.stress.index, result.start_s, result.end_s
+        )
+        return result
 
     def _scores(self, answer: WindowAnswer) -> dict[str, float]:
         if not np.isfinite(answer.probs).all():
@@ -427,6 +440,13 @@ class StreamPipeline:
             skipped_silence=self.skipped_silence,
             narrowband=self.narrowband,
         )
+        if self.config.utterances:  # the emotion mix by utterance: each counts once
+            u = self.utterance_summary.as_dict()
+            out["utterances"] = {
+                "count": u.pop("windows"),
+                "by_emotion": u.pop("windows_by_emotion"),
+                **u,
+            }
         return out
 
 

@@ -265,11 +265,16 @@ class StressScorer:
         return self._score(prosody, scores, speech_ratio, prosody_missing, learn=True)
 
     def assess(
-        self, prosody: Prosody, scores: dict[str, float], speech_ratio: float
+        self,
+        prosody: Prosody,
+        scores: dict[str, float],
+        speech_ratio: float,
+        *,
+        prosody_missing: str | None = None,
     ) -> StressResult:
         """A stretch of this speaker's audio as a whole (an utterance): scored against the same
         baseline, without learning it or smoothing (``index`` is ``raw_index``)."""
-        return self._score(prosody, scores, speech_ratio, None, learn=False)
+        return self._score(prosody, scores, speech_ratio, prosody_missing, learn=False)
 
     def _score(
         self,

@@ -187,6 +187,27 @@ class Settings:
             "windows that are not elevated keep refining it"
         },
     )
+    utterances: bool = field(
+        default=True,
+        metadata={
+            "help": "also classify each utterance (speech between pauses) as one clip, in idle "
+            "model time (utterance_result); a session can turn it off (options.utterances)"
+        },
+    )
+    max_utterance_s: float = field(
+        default=30.0, metadata={"help": "an utterance longer than this is split (1-60 s)"}
+    )
+    utterance_delay_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "an utterance that found no idle model time for this long after it ended "
+            "is dropped, and counted"
+        },
+    )
+    utterance_wait_s: float = field(
+        default=10.0,
+        metadata={"help": "a session's summary waits this long at most for its last utterances"},
+    )
     # sessions and limits
     max_sessions: int = field(default=200, metadata={"help": "concurrent sessions at most"})
     max_sessions_per_connection: int = field(
@@ -374,6 +395,7 @@ class Settings:
             "max_messages_per_s",
             "max_upload_mb",
             "max_upload_s",
+            "utterance_delay_s",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -405,6 +427,8 @@ class Settings:
             raise ValueError(f"telephony_tracks may hold customer and agent, not {sorted(bad)}")
         if self.token_signing_key and len(self.token_signing_key) < 32:
             raise ValueError("token_signing_key must be at least 32 characters")
+        if self.utterance_wait_s < 0:
+            raise ValueError(f"utterance_wait_s must be 0 or more, got {self.utterance_wait_s}")
         if not 0 <= self.drain_timeout_s < math.inf:
             raise ValueError(f"drain_timeout_s must be 0 or more, got {self.drain_timeout_s}")
         if not 0 <= self.audiosocket_port <= 65535:
@@ -456,6 +480,8 @@ class Settings:
             vad_aggressiveness=self.vad_aggressiveness,
             buffer_s=self.buffer_s,
             baseline_windows=self.baseline_windows,
+            utterances=self.utterances,
+            max_utterance_s=self.max_utterance_s,
         )
 
     @property

@@ -181,11 +181,17 @@ def blueprint(service: Service, factory: SessionFactory, tokens: ScopedTokens) -
         if stored is None:
             return error(404, "UNKNOWN_SESSION", f"no stored session {session_id}")
         fmt = request.args.get("format", "json")
+        rows = request.args.get("rows", "frames")
+        if rows not in ("frames", "utterances"):
+            return error(
+                400, "INVALID_MESSAGE", f"rows must be frames or utterances, got {rows[:20]!r}"
+            )
         if fmt == "csv":
+            name = session_id if rows == "frames" else f"{session_id}-utterances"
             return Response(
-                wire.timeline_csv(stored),
+                wire.timeline_csv(stored, rows),
                 mimetype="text/csv",
-                headers={"Content-Disposition": f'attachment; filename="{session_id}.csv"'},
+                headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
             )
         if fmt != "json":
             return error(400, "INVALID_MESSAGE", f"format must be json or csv, got {fmt[:20]!r}")

@@ -103,6 +103,7 @@ class StartSession:
     resume_token: str | None
     since_seq: int
     embeddings: bool
+    utterances: bool = True  # False: this session wants no utterance_result
 
 
 def parse_start(data: Any) -> StartSession:
@@ -128,7 +129,12 @@ def parse_start(data: Any) -> StartSession:
         fmt = AudioFormat(encoding, rate, channels)
     except AudioFormatError as exc:
         raise ProtocolError(exc.code, str(exc)) from None
-    return StartSession(session_id, fmt, token, since, bool(options.get("embeddings", False)))
+    utterances = options.get("utterances", True)
+    if not isinstance(utterances, bool):
+        raise ProtocolError("INVALID_MESSAGE", "options.utterances must be true or false")
+    return StartSession(
+        session_id, fmt, token, since, bool(options.get("embeddings", False)), utterances
+    )
 
 
 def parse_chunk(data: Any, max_bytes: int) -> tuple[str, bytes]:

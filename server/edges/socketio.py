@@ -280,6 +280,7 @@ class StreamNamespace(Namespace):
             owner=_sid(),
             client=client,
             embeddings=start.embeddings or self.settings.embeddings,
+            utterances=start.utterances,
         )
         join_room(runner.session.room)
         return {

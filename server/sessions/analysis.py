@@ -7,7 +7,8 @@ whose prosody cannot be measured — the worker died, hung past ``prosody_timeou
 is still analysed, without prosody, and says why. A window the model does not answer within
 ``inference_timeout_s``, or fails on, raises :class:`AnalysisError` with the protocol code to
 report; one the batcher drops because it could no longer be answered in time raises the
-batcher's :class:`WindowExpired`.
+batcher's :class:`WindowExpired`. An utterance (priority ``utterance``) may wait for idle model
+time until its ``deadline``; the time limit counts from then.
 """
 
 from __future__ import annotations
@@ -86,14 +87,17 @@ class WindowAnalyser:
             on_start=started.set,
         )
         future.add_done_callback(lambda _: started.set())
-        until = time.monotonic() + self.inference_timeout_s
-        if not started.wait(self.inference_timeout_s):
+        wait_s = self.inference_timeout_s
+        if priority == "utterance" and deadline is not None:  # idle time may be a while coming
+            wait_s += max(0.0, deadline - time.monotonic())
+        until = time.monotonic() + wait_s
+        if not started.wait(wait_s):
             future.cancel()  # the batcher skips it if it has not started yet
             raise AnalysisError(
                 "INFERENCE_TIMEOUT", f"no result within {self.inference_timeout_s:g} s"
             )
-        if future.done() and isinstance(future.exception(), WindowExpired):
-            raise WindowExpired(str(future.exception())) from None
+        if future.done() and isinstance(exc := future.exception(), WindowExpired):
+            raise WindowExpired(str(exc), exc.reason) from None
         missing: str | None = None
         try:
             prosody = self._measure(samples, narrowband)

@@ -1,6 +1,7 @@
 """What a session runner tells the rest of the server, and how it reaches them.
 
-A runner publishes typed events — ``Started``, ``Result``, ``VadChange``, ``Skipped``, ``Error``,
+A runner publishes typed events — ``Started``, ``Result``, ``UtteranceDone``, ``VadChange``,
+``Skipped``, ``Error``,
 ``Ended`` (or ``HandedOff``, when a draining node passes it on), and ``Disconnected`` from the edges
 — on an :class:`EventBus`. Each subscriber (socket rooms, the store, metrics, the monitor, alert
 rules) has a mailbox of its own: a bounded queue drained by its own greenthread, in order.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("silence", "expired")  # why a due window was not analysed
+UTTERANCE_OUTCOMES = ("analysed", "late", "backlog", "ended", "failed")  # what became of one
 
 
 @dataclass(slots=True, eq=False)
@@ -42,6 +44,18 @@ class Result:
     result: dict[str, Any]  # the wire payload (server/sessions/wire.py), seq included
     received_at: float  # clock time the window's audio arrived
     frame: FrameResult  # the window's own result, as the engine made it
+
+
+@dataclass(slots=True, eq=False)
+class UtteranceDone:
+    """An utterance of a track, in the track's order: analysed (``payload``, the wire's
+    ``utterance_result``) or dropped unanalysed (``payload`` None; ``outcome`` says why)."""
+
+    session: Session
+    track: str | None
+    outcome: str  # one of UTTERANCE_OUTCOMES
+    payload: dict[str, Any] | None = None
+    delay_s: float = 0.0  # from the utterance's end in the audio's arrival to its result
 
 
 @dataclass(slots=True, eq=False)
@@ -87,7 +101,17 @@ class Disconnected:
     session: Session
 
 
-Event = Started | Result | VadChange | Skipped | Error | Ended | HandedOff | Disconnected
+Event = (
+    Started
+    | Result
+    | UtteranceDone
+    | VadChange
+    | Skipped
+    | Error
+    | Ended
+    | HandedOff
+    | Disconnected
+)
 
 
 class Subscriber(Protocol):

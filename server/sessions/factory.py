@@ -9,6 +9,7 @@ its own that is never registered or stored, with bulk priority so live streams c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -26,7 +27,7 @@ from server.runtime import ThreadRuntime
 from server.sessions import wire
 from server.sessions.analysis import WindowAnalyser
 from server.sessions.claims import ClaimsUnavailable, RedisClaims
-from server.sessions.events import Ended, Error, Event, Result, Started
+from server.sessions.events import Ended, Error, Event, Result, Started, UtteranceDone
 from server.sessions.registry import SessionRegistry
 from server.sessions.runner import FILE, SessionRunner, Track, WindowPolicy
 from server.sessions.session import Session
@@ -73,7 +74,11 @@ class SessionFactory:
         self.model_info = model_info
         self.labels = tuple(model_info["labels"])
         self.random_weights = bool(model_info.get("random_weights"))
-        self.live = WindowPolicy(latency_budget_s=settings.latency_budget_s)
+        self.live = WindowPolicy(
+            latency_budget_s=settings.latency_budget_s,
+            utterance_delay_s=settings.utterance_delay_s,
+            utterance_wait_s=settings.utterance_wait_s,
+        )
         self._clock = clock
 
     def config(self, fmt: AudioFormat) -> dict[str, Any]:
@@ -90,9 +95,15 @@ class SessionFactory:
         }
 
     def _tracks(
-        self, fmt: AudioFormat, parties: list[str | None], narrowband: bool | None = None
+        self,
+        fmt: AudioFormat,
+        parties: list[str | None],
+        narrowband: bool | None = None,
+        utterances: bool = True,
     ) -> dict[str | None, Track]:
         config = self.settings.pipeline_config()
+        if not utterances:  # the session turned them off
+            config = dataclasses.replace(config, utterances=False)
         return {
             party: Track(
                 party, StreamPipeline(config, fmt, labels=self.labels, narrowband=narrowband)
@@ -112,10 +123,13 @@ class SessionFactory:
         client: str = "",
         connection: Any = None,
         embeddings: bool = False,
+        utterances: bool = True,
     ) -> SessionRunner:
         """A new live session with its runner started. Raises ProtocolError (INVALID_MESSAGE,
         SESSION_EXISTS, SESSION_LIMIT) when it cannot be opened. ``owner`` and ``connection``
-        are set before the session can be found, so a takeover can never miss them."""
+        are set before the session can be found, so a takeover can never miss them.
+        ``utterances``: False turns utterances off for this session (``settings.utterances``
+        turns them off for every one)."""
         self._admit()
         chosen = session_id is not None
         if session_id is None:
@@ -148,7 +162,7 @@ class SessionFactory:
         except BaseException:
             self.registry.release(session_id)
             raise
-        runner = self._runner(session, self._tracks(fmt, parties or [None]))
+        runner = self._runner(session, self._tracks(fmt, parties or [None], utterances=utterances))
         self.publish(Started(session, config))
         self.runtime.spawn(runner.run)
         log.info(
@@ -230,6 +244,8 @@ class SessionFactory:
             if resume_token is not None:
                 session.token = resume_token
             pipeline_config = self.settings.pipeline_config()
+            if not state.get("utterances", True):  # the session had turned them off
+                pipeline_config = dataclasses.replace(pipeline_config, utterances=False)
             tracks = {}
             for name, saved in state["tracks"].items():
                 party = name or None
@@ -270,9 +286,14 @@ class SessionFactory:
             inbox_max_bytes=self.settings.inbox_max_bytes,
             clock=self._clock,
             on_done=self.registry.remove,
+            forget=self._forget,
         )
         self.registry.add(runner)
         return runner
+
+    def _forget(self, track: Any) -> int:
+        batcher = getattr(self.analyser, "batcher", None)
+        return batcher.forget(track) if batcher is not None else 0
 
     def _admit(self) -> None:
         """A draining node refuses new sessions (DRAINING: start on another node; resumes and
@@ -347,6 +368,7 @@ class SessionFactory:
         with bulk priority. AudioFormatError from the blocks ends the analysis and is raised."""
         session = Session(id="file", source="file", format=AudioFormat())
         frames: list[FrameResult] = []
+        utterances: list[dict[str, Any]] = []
         errors: list[Error] = []
         ended: list[Ended] = []
         done = threading.Event()
@@ -354,6 +376,9 @@ class SessionFactory:
         def collect(event: Event) -> None:
             if isinstance(event, Result):
                 frames.append(event.frame)
+            elif isinstance(event, UtteranceDone):
+                if event.payload is not None:
+                    utterances.append({k: v for k, v in event.payload.items() if k != "session_id"})
             elif isinstance(event, Error):
                 errors.append(event)
             elif isinstance(event, Ended):
@@ -390,8 +415,13 @@ class SessionFactory:
             )
         track = tracks[None]
         summary = wire.track_summary(
-            track.pipeline.summary_dict(), expired=track.expired, failed=track.failed
+            track.pipeline.summary_dict(),
+            expired=track.expired,
+            failed=track.failed,
+            utterances_dropped=track.utterances_dropped,
         )
         out = timeline(self.model_info, self.settings.pipeline_config(), frames, summary)
+        if track.pipeline.config.utterances:
+            out["utterances"] = utterances
         out["errors"] = [{"code": e.code, "message": e.message} for e in errors]
         return out

@@ -21,6 +21,13 @@ many of its track's windows expired since the previous one, and its hop. File an
 deadline: it keeps at most ``max_inflight`` windows submitted, waiting for room, so every window
 of a file is analysed. Windows complete in stream order: the stress index of one builds on the
 last.
+
+Utterances (engine/utterances.py; when the track's pipeline cuts them): each goes to the batcher at
+``utterance`` priority, which runs it only in idle time that cannot make a live window late, and
+drops it if it waits more than ``utterance_delay_s`` (or falls out of the track's bounded
+backlog). A track's utterances complete in order, each as an ``UtteranceDone``: analysed, or
+dropped and counted by outcome. At the end the summary waits ``utterance_wait_s`` at most for the
+utterances still out; what is left then is dropped as ``ended``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +46,21 @@ from engine.audio import RAW_BYTES_PER_SAMPLE
 from engine.batcher import WindowExpired
 from engine.dynamics import SpeechLog, call_dynamics
 from engine.pipeline import StreamPipeline
+from engine.utterances import Utterance
 from engine.windowing import Window
 from server.runtime import ThreadRuntime
 from server.sessions import wire
 from server.sessions.analysis import Analysis, AnalysisError
-from server.sessions.events import Ended, Error, Event, HandedOff, Result, Skipped, VadChange
+from server.sessions.events import (
+    Ended,
+    Error,
+    Event,
+    HandedOff,
+    Result,
+    Skipped,
+    UtteranceDone,
+    VadChange,
+)
 from server.sessions.session import Session
 
 log = logging.getLogger(__name__)
@@ -66,10 +83,12 @@ class WindowPolicy:
     latency_budget_s: float | None = 1.5  # a result is due this long after its audio arrived
     max_inflight: int | None = None  # windows submitted per track at most (None: the deadlines
     # bound them); beyond, the track waits for room
+    utterance_delay_s: float = 60.0  # an utterance not started this long after it ended is dropped
+    utterance_wait_s: float = 10.0  # the summary waits this long at most for utterances still out
 
 
 LIVE = WindowPolicy()
-FILE = WindowPolicy(priority="bulk", latency_budget_s=None, max_inflight=4)
+FILE = WindowPolicy(priority="bulk", latency_budget_s=None, max_inflight=4, utterance_wait_s=600.0)
 
 
 FEED_MAX_BYTES = 1 << 20  # audio decoded in one go at most: 33 s of 16 kHz PCM16; a burst is
@@ -99,6 +118,16 @@ class _Slot:
     done: bool = False
 
 
+@dataclass(eq=False, slots=True)
+class _UtteranceSlot:
+    utterance: Utterance
+    received_at: float  # when the audio that ended it arrived
+    analysis: Analysis | None = None
+    outcome: str = "analysed"  # events.UTTERANCE_OUTCOMES
+    error: tuple[str, str] | None = None
+    done: bool = False
+
+
 @dataclass(eq=False)
 class Track:
     """One analysed voice of a session, and its windows on their way through analysis (in
@@ -112,6 +141,8 @@ class Track:
     failed: int = 0
     last_start_s: float | None = None
     speech: SpeechLog = field(default_factory=SpeechLog)  # its VAD segments, for the dynamics
+    utterances: deque[_UtteranceSlot] = field(default_factory=deque)  # out, in order
+    utterances_dropped: dict[str, int] = field(default_factory=dict)  # by outcome
 
     @property
     def idle(self) -> bool:
@@ -125,6 +156,7 @@ class Track:
             "failed": self.failed,
             "last_start_s": self.last_start_s,
             "speech": [list(s) for s in self.speech.segments],
+            "utterances_dropped": dict(self.utterances_dropped),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -134,6 +166,8 @@ class Track:
         last = state.get("last_start_s")
         self.last_start_s = None if last is None else float(last)
         self.speech.segments = [(float(a), float(b)) for a, b in state["speech"]]
+        dropped = state.get("utterances_dropped", {})
+        self.utterances_dropped = {str(k): int(v) for k, v in dropped.items()}
 
 
 class SessionRunner:
@@ -151,7 +185,10 @@ class SessionRunner:
         feed_max_bytes: int = FEED_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
         on_done: Callable[[SessionRunner], None] | None = None,
+        forget: Callable[[Hashable], int] | None = None,
     ) -> None:
+        """``forget(track)``: drop the track's utterances still waiting for the model (the
+        batcher's ``forget``), once the summary stops waiting for them."""
         self.session = session
         self.tracks = tracks
         self.policy = policy
@@ -163,6 +200,7 @@ class SessionRunner:
         self._runtime = runtime
         self._clock = clock
         self._on_done = on_done or (lambda runner: None)
+        self._forget = forget or (lambda track: 0)
         self._inbox: deque[_Audio] = deque()
         self._inbox_bytes = 0  # audio waiting, plus INBOX_ITEM_BYTES per item
         self._end_reason: str | None = None  # once end() was called
@@ -312,6 +350,8 @@ class SessionRunner:
             self._publish(Skipped(self.session, track.name, "silence", fed.skipped_silence))
         for window in fed.windows:
             self._due(track, window, received_at)
+        for utterance in fed.utterances:
+            self._utterance_due(track, utterance, received_at)
 
     def _finish(self, reason: str) -> None:
         self._wait_idle()
@@ -323,8 +363,14 @@ class SessionRunner:
                 continue
             self._after_feed(track, fed, self._clock())
         self._wait_idle()
+        self._wait_utterances()
         tracks = {
-            name: wire.track_summary(t.pipeline.summary_dict(), expired=t.expired, failed=t.failed)
+            name: wire.track_summary(
+                t.pipeline.summary_dict(),
+                expired=t.expired,
+                failed=t.failed,
+                utterances_dropped=t.utterances_dropped,
+            )
             for name, t in self.tracks.items()
         }
         summary = wire.summary(self.session, reason, tracks, self.random_weights)
@@ -339,6 +385,7 @@ class SessionRunner:
             state = {  # the resume token is not in it: the store keeps only its hash
                 "seq": session.seq,
                 "audio_s": session.audio_s,
+                "utterances": any(t.pipeline.config.utterances for t in self.tracks.values()),
                 "tracks": {t.name or "": t.checkpoint() for t in self.tracks.values()},
                 "summary": {**summary, "reason": "not continued"},
             }
@@ -350,6 +397,22 @@ class SessionRunner:
         with self._cond:
             while not all(t.idle for t in self.tracks.values()):
                 self._cond.wait()
+
+    def _wait_utterances(self) -> None:
+        """Wait ``utterance_wait_s`` at most (real time) for every track's utterances; drop
+        what is still out then, as ``ended`` (a late answer finds its slot gone)."""
+        until = time.monotonic() + self.policy.utterance_wait_s
+        with self._cond:
+            while any(t.utterances for t in self.tracks.values()):
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            for track in self.tracks.values():
+                while track.utterances:
+                    self._utterance_outcome(track, track.utterances.popleft())
+        for track in self.tracks.values():
+            self._forget(track)
 
     # --- the window policy -------------------------------------------------------------------
 
@@ -430,6 +493,68 @@ class SessionRunner:
         )
         track.expired_since_result = 0
         self._publish(Result(session, track.name, result, slot.received_at, frame))
+
+    # --- utterances ------------------------------------------------------------------------
+
+    def _utterance_due(self, track: Track, utterance: Utterance, received_at: float) -> None:
+        slot = _UtteranceSlot(utterance, received_at)
+        with self._cond:
+            limit = self.policy.max_inflight  # a file's: every one waits for its turn
+            while limit is not None and len(track.utterances) >= limit:
+                self._cond.wait()
+            track.utterances.append(slot)
+        self._runtime.spawn(self._analyse_utterance, track, slot)
+
+    def _analyse_utterance(self, track: Track, slot: _UtteranceSlot) -> None:
+        bulk = self.policy.priority == "bulk"  # a file's: every one is analysed, in idle time
+        try:
+            slot.analysis = self._analyse(
+                slot.utterance.samples,
+                narrowband=track.pipeline.narrowband,
+                embeddings=False,
+                priority="bulk" if bulk else "utterance",
+                deadline=None if bulk else self._clock() + self.policy.utterance_delay_s,
+                key=track,
+            )
+        except WindowExpired as exc:
+            slot.outcome = "ended" if exc.reason == "forgotten" else exc.reason
+        except AnalysisError as exc:
+            slot.outcome, slot.error = "failed", (exc.code, exc.message)
+        except Exception as exc:
+            log.exception("analysing an utterance failed", extra={"session_id": self.session.id})
+            slot.outcome = "failed"
+            slot.error = ("INFERENCE_FAILED", f"could not analyse the utterance: {exc}")
+        with self._cond:
+            slot.done = True
+            while track.utterances and track.utterances[0].done:  # in the track's order
+                self._utterance_outcome(track, track.utterances.popleft())
+            self._cond.notify_all()
+
+    def _utterance_outcome(self, track: Track, slot: _UtteranceSlot) -> None:
+        """Publish what became of an utterance taken out of its track's queue."""
+        a = slot.analysis
+        payload = None
+        if slot.outcome == "analysed" and a is not None:
+            try:
+                result = track.pipeline.complete_utterance(
+                    slot.utterance, a.answer, a.prosody, prosody_missing=a.prosody_missing
+                )
+                payload = wire.utterance(
+                    self.session.id, result, track=track.name, random_weights=self.random_weights
+                )
+            except Exception as exc:
+                log.exception("scoring an utterance failed", extra={"session_id": self.session.id})
+                slot.outcome, slot.error = "failed", ("INFERENCE_FAILED", f"could not score: {exc}")
+        elif slot.outcome == "analysed":
+            slot.outcome = "ended"  # still out when the summary stopped waiting
+        slot.utterance.samples = _NO_SAMPLES
+        if slot.error is not None:
+            self._publish(Error(self.session, *slot.error))
+        if payload is None:
+            dropped = track.utterances_dropped
+            dropped[slot.outcome] = dropped.get(slot.outcome, 0) + 1
+        delay_s = max(0.0, self._clock() - slot.received_at)
+        self._publish(UtteranceDone(self.session, track.name, slot.outcome, payload, delay_s))
 
 
 _NO_SAMPLES = np.zeros(0, dtype=np.float32)

@@ -13,7 +13,7 @@ import csv
 import io
 from typing import TYPE_CHECKING, Any
 
-from engine.pipeline import FrameResult, Summary
+from engine.pipeline import FrameResult, Summary, UtteranceResult
 
 if TYPE_CHECKING:
     from server.sessions.session import Session
@@ -45,8 +45,31 @@ def result(
     return out
 
 
-def track_summary(pipeline_summary: dict[str, Any], *, expired: int, failed: int) -> dict:
-    return {**pipeline_summary, "expired": expired, "failed": failed}
+def utterance(
+    session_id: str, result: UtteranceResult, *, track: str | None, random_weights: bool
+) -> dict[str, Any]:
+    """One utterance, classified as a whole clip (``utterance_result``). ``utterance_seq``
+    counts a track's utterances from 0."""
+    out: dict[str, Any] = {"session_id": session_id, **result.as_dict()}
+    if track:
+        out["track"] = track
+    if random_weights:
+        out["random_weights"] = True
+    return out
+
+
+def track_summary(
+    pipeline_summary: dict[str, Any],
+    *,
+    expired: int,
+    failed: int,
+    utterances_dropped: dict[str, int] | None = None,
+) -> dict:
+    """A track's totals; ``utterances_dropped``: its utterances not analysed, by outcome."""
+    out = {**pipeline_summary, "expired": expired, "failed": failed}
+    if "utterances" in out:
+        out["utterances"] = {**out["utterances"], "dropped": dict(utterances_dropped or {})}
+    return out
 
 
 def summary(
@@ -146,17 +169,34 @@ CSV_COLUMNS = (
 )
 
 
-def timeline_csv(timeline: dict[str, Any]) -> str:
-    """A stored timeline as CSV: one row per result, one column per emotion label."""
-    frames = timeline["frames"]
-    labels = list(
-        timeline.get("model", {}).get("labels") or (frames[0]["scores"] if frames else [])
-    )
+UTTERANCE_CSV_COLUMNS = (
+    ("utterance_seq", lambda u: u["utterance_seq"]),
+    ("track", lambda u: u.get("track", "")),
+    ("start_s", lambda u: u["start_s"]),
+    ("end_s", lambda u: u["end_s"]),
+    ("emotion", lambda u: u["emotion"]),
+    ("confidence", lambda u: u["confidence"]),
+    ("stress_index", lambda u: u["stress"]["index"]),
+    ("stress_level", lambda u: u["stress"]["level"]),
+    ("stress_confidence", lambda u: u["stress"]["confidence"]),
+    ("speech_s", lambda u: u["speech_s"]),
+    ("voiced_s", lambda u: u["voiced_s"]),
+    ("split", lambda u: u["split"]),
+    ("device", lambda u: u["device"]),
+)
+
+
+def timeline_csv(timeline: dict[str, Any], rows: str = "frames") -> str:
+    """A stored timeline as CSV: one row per result (``rows="frames"``) or per utterance
+    (``rows="utterances"``), one column per emotion label."""
+    items = timeline.get(rows) or []
+    columns = CSV_COLUMNS if rows == "frames" else UTTERANCE_CSV_COLUMNS
+    labels = list(timeline.get("model", {}).get("labels") or (items[0]["scores"] if items else []))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([name for name, _ in CSV_COLUMNS] + labels)
-    for f in frames:
+    writer.writerow([name for name, _ in columns] + labels)
+    for item in items:
         writer.writerow(
-            [get(f) for _, get in CSV_COLUMNS] + [f["scores"].get(k, "") for k in labels]
+            [get(item) for _, get in columns] + [item["scores"].get(k, "") for k in labels]
         )
     return out.getvalue()

@@ -127,6 +127,20 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter(p + "errors", "Errors reported to clients", ["code"], registry=r)
+        self.utterances = Counter(
+            p + "utterances",
+            "Utterances by outcome: analysed, or dropped unanalysed: late (no idle model time "
+            "within utterance_delay_s), backlog (a track's queue full), ended (still out when "
+            "the summary stopped waiting), failed",
+            ["outcome"],
+            registry=r,
+        )
+        self.utterance_delay_seconds = Histogram(
+            p + "utterance_delay_seconds",
+            "From the arrival of an utterance's last audio to its result",
+            buckets=(0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0),
+            registry=r,
+        )
         self.emotion_results = Counter(
             p + "emotion_results", "Results by top emotion", ["emotion"], registry=r
         )

@@ -3,7 +3,8 @@
 - ``StoreRecorder`` writes sessions, results and summaries, then hands each room event to the
   ``RoomPublisher`` once what came before it is committed: a client never sees a result the
   database does not hold (unless the database is down: then live analysis goes on, degraded).
-- ``RoomPublisher`` emits to the session's Socket.IO room: its owner and its supervisors.
+- ``RoomPublisher`` emits to the session's Socket.IO room: its owner and its supervisors
+  (``emotion_result``, ``utterance_result``, ``vad``, ``error``, ``session_summary``).
 - ``MonitorPublisher`` tells supervisors (the monitor room) how every session is doing.
 - ``MetricsRecorder`` counts.
 - ``AlertPublisher`` runs the alert rules over results; each alert that fires or resolves is
@@ -27,6 +28,7 @@ from server.sessions.events import (
     Result,
     Skipped,
     Started,
+    UtteranceDone,
     VadChange,
 )
 from server.sinks.alerts import AlertEngine
@@ -63,6 +65,9 @@ class RoomPublisher:
             call = session.connection  # a call's media connection may want results back
             if call is not None:
                 call.result(event.result)
+        elif isinstance(event, UtteranceDone):
+            if event.payload is not None:
+                self._emit("utterance_result", event.payload, to=room)
         elif isinstance(event, VadChange):
             self._emit("vad", event.payload, to=room)
         elif isinstance(event, Error):
@@ -112,6 +117,10 @@ class MetricsRecorder:
             m.end_to_end_seconds.observe(max(0.0, self._clock() - event.received_at))
             m.emotion_results.labels(event.result["emotion"]).inc()
             m.stress_index.observe(event.result["stress"]["index"])
+        elif isinstance(event, UtteranceDone):
+            m.utterances.labels(event.outcome).inc()
+            if event.payload is not None:
+                m.utterance_delay_seconds.observe(event.delay_s)
         elif isinstance(event, Skipped):
             m.windows_skipped.labels(event.reason).inc(event.count)
         elif isinstance(event, Error):
@@ -145,6 +154,9 @@ class StoreRecorder:
         then = functools.partial(self._room.handle, event)
         if isinstance(event, Result):
             store.add_result(event.session.id, event.result, then=then)
+        elif isinstance(event, UtteranceDone):
+            if event.payload is not None:
+                store.add_utterance(event.session.id, event.payload, then=then)
         elif isinstance(event, Ended):
             store.close_session(event.session.id, event.summary, ended_at=time.time(), then=then)
         elif isinstance(event, HandedOff):

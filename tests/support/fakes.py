@@ -40,6 +40,10 @@ class FakeAnalyse:
         self.fail: set[int] = set()
         self.expire: set[int] = set()
         self.prosody_missing: str | None = None
+        self.utterances_open = threading.Event()  # utterance calls wait for it (set: at once)
+        self.utterances_open.set()
+        self.late_utterances: set[int] = set()  # utterance calls (0, 1, ...) the batcher drops
+        self.utterance_calls: list[int] = []  # the length of each utterance, in samples
 
     def __call__(
         self, samples, *, narrowband, embeddings, priority, deadline=None, key=None
@@ -50,6 +54,8 @@ class FakeAnalyse:
             self.deadlines.append(deadline)
             self.keys.append(key)
             self.cond.notify_all()
+        if priority == "utterance":
+            return self._utterance(samples)
         if self.permits is not None:
             assert self.permits.acquire(timeout=WAIT_S), "the test never released a window"
         if index in self.fail:
@@ -60,6 +66,23 @@ class FakeAnalyse:
         probs[4] += 0.05  # neutral on top
         prosody = calm_prosody() if self.prosody_missing is None else Prosody.unmeasured()
         return Analysis(WindowAnswer(probs / probs.sum()), prosody, self.prosody_missing)
+
+    def _utterance(self, samples: np.ndarray) -> Analysis:
+        with self.cond:
+            index = len(self.utterance_calls)
+            self.utterance_calls.append(samples.shape[0])
+            self.cond.notify_all()
+        if not self.utterances_open.wait(WAIT_S):  # as a batcher the runner told to forget it
+            raise WindowExpired("the session ended", "forgotten")
+        if index in self.late_utterances:
+            raise WindowExpired("no idle time in time", "late")
+        probs = np.full(len(LABELS), 1 / len(LABELS), dtype=np.float32)
+        probs[index % len(LABELS)] += 0.3  # each utterance its own top emotion
+        return Analysis(WindowAnswer(probs / probs.sum()), calm_prosody())
+
+    def utterances_started(self, n: int) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.utterance_calls) >= n, WAIT_S)
 
     def started(self, n: int) -> None:
         with self.cond:

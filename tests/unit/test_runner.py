@@ -14,7 +14,7 @@ from engine.model import Prediction
 from engine.pipeline import PipelineConfig, StreamPipeline
 from server.runtime import ThreadRuntime
 from server.sessions.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
-from server.sessions.events import Ended, Error, Result, Skipped, VadChange
+from server.sessions.events import Ended, Error, Result, Skipped, UtteranceDone, VadChange
 from server.sessions.runner import (
     FILE,
     LIVE,
@@ -38,10 +38,12 @@ def runner_for(
     policy=LIVE,
     inbox_max_bytes: int = 4 << 20,
     runtime: ThreadRuntime | None = None,
+    utterances: bool = False,
+    forget=None,
 ) -> tuple[SessionRunner, Recorder]:
     recorder = Recorder()
     fmt = AudioFormat()
-    pipeline = StreamPipeline(PipelineConfig(), fmt, labels=LABELS)
+    pipeline = StreamPipeline(PipelineConfig(utterances=utterances), fmt, labels=LABELS)
     runner = SessionRunner(
         Session(id="s1", source="socketio", format=fmt),
         {None: Track(None, pipeline)},
@@ -51,6 +53,7 @@ def runner_for(
         policy=policy,
         inbox_max_bytes=inbox_max_bytes,
         feed_max_bytes=1 << 20,
+        forget=forget,
     )
     threading.Thread(target=runner.run, daemon=True).start()
     return runner, recorder
@@ -231,6 +234,121 @@ def test_vad_changes_are_published_with_their_times():
     changes = [v.payload for v in rec.of(VadChange)]
     assert changes[0]["speech"] is True and changes[0]["at_s"] == pytest.approx(1.0, abs=0.2)
     assert changes[-1]["speech"] is False
+
+
+# --- utterances ----------------------------------------------------------------------------
+
+
+def two_utterances() -> np.ndarray:
+    """Speech 0.5-3.5 s and 4.5-6.5 s, silence around: two utterances."""
+    return np.concatenate([silence(0.5), talk(3.0), silence(1.0), talk(2.0), silence(1.0)])
+
+
+def test_each_utterance_is_analysed_at_utterance_priority_and_published_in_order():
+    analyse = FakeAnalyse()
+    runner, rec = runner_for(analyse, utterances=True)
+    runner.push(None, to_pcm16(two_utterances()))
+    runner.end("done")
+    summary = rec.ended().summary
+    done = rec.of(UtteranceDone)
+    assert [d.outcome for d in done] == ["analysed", "analysed"]
+    payloads = [d.payload for d in done]
+    assert [p["utterance_seq"] for p in payloads] == [0, 1]
+    assert payloads[0]["start_s"] == pytest.approx(0.5, abs=0.2)
+    assert payloads[1]["end_s"] == pytest.approx(6.5, abs=0.5)
+    assert payloads[0]["session_id"] == "s1" and "track" not in payloads[0]
+    assert {"emotion", "confidence", "scores", "stress", "speech_s", "voiced_s"} <= set(payloads[0])
+    assert [p["emotion"] for p in payloads] == [LABELS[0], LABELS[1]]
+    assert analyse.utterance_calls[0] == pytest.approx(3.0 * 16000, rel=0.15)
+    assert summary["utterances"] == {
+        "count": 2,
+        "emotion_mix": summary["utterances"]["emotion_mix"],
+        "dominant_emotion": summary["utterances"]["dominant_emotion"],
+        "by_emotion": {LABELS[0]: 1, LABELS[1]: 1},
+        "stress": summary["utterances"]["stress"],
+        "dropped": {},
+    }
+    assert rec.events.index(rec.ended()) > rec.events.index(done[-1])
+
+
+def test_a_track_s_utterances_complete_in_order_whatever_order_the_model_answers_in():
+    analyse = FakeAnalyse()
+    analyse.utterances_open.clear()
+    runner, rec = runner_for(analyse, utterances=True)
+    runner.push(None, to_pcm16(two_utterances()))
+    analyse.utterances_started(2)
+    analyse.utterances_open.set()  # both answer at once; either may finish first
+    runner.end("done")
+    rec.ended()
+    assert [d.payload["utterance_seq"] for d in rec.of(UtteranceDone)] == [0, 1]
+
+
+def test_an_utterance_the_batcher_dropped_as_late_is_counted_and_the_next_goes_on():
+    analyse = FakeAnalyse()
+    analyse.late_utterances = {0}
+    runner, rec = runner_for(analyse, utterances=True)
+    runner.push(None, to_pcm16(two_utterances()))
+    runner.end("done")
+    summary = rec.ended().summary
+    assert [(d.outcome, d.payload is None) for d in rec.of(UtteranceDone)] == [
+        ("late", True),
+        ("analysed", False),
+    ]
+    assert summary["utterances"]["count"] == 1 and summary["utterances"]["dropped"] == {"late": 1}
+    assert rec.of(Error) == []
+
+
+def test_the_summary_waits_for_the_last_utterances_within_a_bound_then_drops_them():
+    """A held model: the utterances never come back. The summary waits utterance_wait_s, not
+    for ever; what is still out is dropped as ended, and the batcher is told to forget it."""
+    analyse = FakeAnalyse()
+    analyse.utterances_open.clear()
+    forgotten: list[object] = []
+    policy = WindowPolicy(utterance_wait_s=0.5)
+    runner, rec = runner_for(analyse, utterances=True, policy=policy, forget=forgotten.append)
+    runner.push(None, to_pcm16(two_utterances()))
+    analyse.utterances_started(2)
+    runner.end("done")
+    summary = rec.ended().summary
+    assert summary["utterances"]["count"] == 0
+    assert summary["utterances"]["dropped"] == {"ended": 2}
+    assert [d.outcome for d in rec.of(UtteranceDone)] == ["ended", "ended"]
+    assert forgotten == [runner.tracks[None]]
+    analyse.utterances_open.set()  # a late answer finds its slot gone: nothing more published
+    assert runner.done.wait(WAIT_S)
+    assert len(rec.of(UtteranceDone)) == 2
+
+
+def test_an_utterance_carries_the_late_limit_as_its_deadline_and_a_file_s_are_bulk():
+    now = [50.0]
+    analyse = FakeAnalyse()
+    fmt = AudioFormat()
+    for policy, priority, deadline in (
+        (WindowPolicy(utterance_delay_s=20.0), "utterance", 70.0),
+        (FILE, "bulk", None),
+    ):
+        analyse = FakeAnalyse()
+        track = Track(None, StreamPipeline(PipelineConfig(utterances=True), fmt, labels=LABELS))
+        recorder = Recorder()
+        runner = SessionRunner(
+            Session(id="s1", source="socketio", format=fmt),
+            {None: track},
+            analyse=analyse,
+            publish=recorder,
+            runtime=ThreadRuntime(),
+            policy=policy,
+            clock=lambda: now[0],
+        )
+        threading.Thread(target=runner.run, daemon=True).start()
+        runner.push(None, to_pcm16(two_utterances()))
+        runner.end("done")
+        recorder.ended()
+        assert len(recorder.of(UtteranceDone)) == 2
+        if priority == "bulk":
+            assert analyse.utterance_calls == [] and set(analyse.calls) == {"bulk"}
+        else:
+            i = analyse.calls.index("utterance")
+            assert analyse.deadlines[i] == deadline and analyse.keys[i] is track
 
 
 # --- the analysis step -----------------------------------------------------------------------

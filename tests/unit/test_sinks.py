@@ -225,7 +225,7 @@ def full_result(seq: int) -> dict:  # (labels: angry, happy)
 
 def test_store_round_trip_and_csv(tmp_path):
     store = Store(str(tmp_path / "t.db"), runtime=ThreadRuntime())
-    assert store.start() == [1, 2, 3, 4, 5, 6]
+    assert store.start() == [1, 2, 3, 4, 5, 6, 7]
     assert store.claim(
         "s1",
         source="socketio",
@@ -241,6 +241,21 @@ def test_store_round_trip_and_csv(tmp_path):
     for seq in (1, 2, 3):
         store.add_result("s1", full_result(seq), then=lambda seq=seq: handed_on.append(seq))
     store.add_result("s1", full_result(2))  # a duplicate write is ignored
+    for track, useq, start in (("agent", 0, 4.0), (None, 0, 0.5), ("agent", 1, 9.0)):
+        utterance = {
+            **full_result(1),
+            "utterance_seq": useq,
+            "start_s": start,
+            "end_s": start + 2.5,
+            "speech_s": 2.5,
+            "voiced_s": 1.9,
+            "split": False,
+        }
+        del utterance["seq"], utterance["speech_ratio"]
+        if track:
+            utterance["track"] = track
+        store.add_utterance("s1", utterance)
+    store.add_utterance("s1", utterance)  # a duplicate write is ignored
     store.close_session("s1", {"results": 3}, ended_at=5.0)
     assert store.flush()
     assert handed_on == [1, 2, 3]
@@ -253,6 +268,15 @@ def test_store_round_trip_and_csv(tmp_path):
     assert store.list_sessions()[0]["session_id"] == "s1"
     rows = timeline_csv(stored).splitlines()
     assert rows[0].endswith("angry,happy") and rows[2].startswith("2,,1.0,3.0,happy,0.6,20.0")
+    # utterances in time order, whatever their track
+    assert [(u.get("track"), u["start_s"]) for u in stored["utterances"]] == [
+        (None, 0.5),
+        ("agent", 4.0),
+        ("agent", 9.0),
+    ]
+    rows = timeline_csv(stored, "utterances").splitlines()
+    assert rows[0].startswith("utterance_seq,track,start_s,end_s,emotion") and len(rows) == 4
+    assert rows[2].startswith("0,agent,4.0,6.5,happy,0.6,10.0,low,0.5,2.5,1.9,False,cpu,")
     assert store.delete_session("s1") and store.get_session("s1") is None
     store.close()
     assert Store(str(tmp_path / "t.db"), runtime=ThreadRuntime()).start() == []  # migrated

@@ -12,7 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-DEPENDENT_TABLES = ("results", "alerts")  # rows keyed by session_id, deleted with their session
+# rows keyed by session_id, deleted with their session
+DEPENDENT_TABLES = ("results", "utterances", "alerts")
 
 
 class Queries:
@@ -60,6 +61,13 @@ class Queries:
             ).scalars()
             out = self._session(row)
             out["frames"] = [json.loads(p) for p in payloads]
+            utterances = conn.execute(
+                sa.text(
+                    "SELECT payload FROM utterances WHERE session_id = :id ORDER BY start_s, track"
+                ),
+                {"id": session_id},
+            ).scalars()
+            out["utterances"] = [json.loads(p) for p in utterances]
             alerts = conn.execute(
                 sa.text("SELECT payload FROM alerts WHERE session_id = :id ORDER BY fired_at"),
                 {"id": session_id},

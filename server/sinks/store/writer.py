@@ -176,6 +176,27 @@ class Store(Queries):
             then,
         )
 
+    def add_utterance(
+        self, session_id: str, utterance: dict[str, Any], then: Callable[[], None] | None = None
+    ) -> None:
+        self._put(
+            "INSERT INTO utterances "
+            "(session_id, track, utterance_seq, start_s, end_s, emotion, stress, payload) "
+            "VALUES (:sid, :track, :useq, :start_s, :end_s, :emotion, :stress, :payload) "
+            "ON CONFLICT (session_id, track, utterance_seq) DO NOTHING",
+            {
+                "sid": session_id,
+                "track": utterance.get("track") or "",
+                "useq": utterance["utterance_seq"],
+                "start_s": utterance["start_s"],
+                "end_s": utterance["end_s"],
+                "emotion": utterance["emotion"],
+                "stress": utterance["stress"]["index"],
+                "payload": json.dumps(utterance),
+            },
+            then,
+        )
+
     def close_session(
         self,
         session_id: str,
