@@ -92,7 +92,7 @@ def reference_windows(audio: np.ndarray, peer: bool) -> int:
     if peer:
         return max(0, (audio.size - 2 * SAMPLE_RATE) // SAMPLE_RATE + 1)
     labels = ("x",)
-    _, windows = plan_file(audio, labels, PipelineConfig())
+    _, windows, _ = plan_file(audio, labels, PipelineConfig())
     return len(windows)
 
 
@@ -211,7 +211,7 @@ def burst_trial(
         ]
         / 32768.0
     )
-    _, planned = plan_file(audio, ("x",), PipelineConfig())
+    _, planned, _ = plan_file(audio, ("x",), PipelineConfig())
     due = {round(w.end_s, 3) for w in planned if before_s < w.end_s <= before_s + burst_s}
     got: list[float] = []
     client = StreamClient(url, on_result=lambda r: got.append(round(r["end_s"], 3)), timeout_s=60)

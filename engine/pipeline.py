@@ -10,7 +10,7 @@ signal through the same pipeline.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,14 +462,16 @@ def plan_file(
     config: PipelineConfig | None = None,
     *,
     narrowband: bool = False,
-) -> tuple[StreamPipeline, list[Window]]:
-    """Run a whole mono 16 kHz signal through the live pipeline in 100 ms chunks: its windows."""
+) -> tuple[StreamPipeline, list[Window], list[Utterance]]:
+    """Run a whole mono 16 kHz signal through the live pipeline in 100 ms chunks: its windows,
+    and its utterances (none unless ``config.utterances``)."""
     pipeline = StreamPipeline(config or PipelineConfig(), labels=labels, narrowband=narrowband)
     windows: list[Window] = []
-    for chunk in chunks(samples):
-        windows.extend(pipeline.feed_samples(chunk).windows)
-    windows.extend(pipeline.finish().windows)
-    return pipeline, windows
+    utterances: list[Utterance] = []
+    for fed in (*map(pipeline.feed_samples, chunks(samples)), pipeline.finish()):
+        windows.extend(fed.windows)
+        utterances.extend(fed.utterances)
+    return pipeline, windows, utterances
 
 
 def timeline(
@@ -477,15 +479,20 @@ def timeline(
     config: PipelineConfig,
     frames: list[FrameResult],
     summary: dict[str, Any],
+    utterances: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A whole file's timeline, the one shape ``voxaffect analyze`` and ``POST /api/analyze``
-    both give: the model, the analysis settings, each window's result, the summary."""
-    return {
+    both give: the model, the analysis settings, each window's result, the summary, and each
+    utterance's result when ``config.utterances``."""
+    out = {
         "model": model_info,
         "config": config.as_dict(),
         "frames": [f.as_dict() for f in frames],
         "summary": summary,
     }
+    if config.utterances:
+        out["utterances"] = utterances or []
+    return out
 
 
 def complete_file(
@@ -494,15 +501,23 @@ def complete_file(
     answers: list[WindowAnswer],
     model_info: dict[str, Any],
     prosody: list[Prosody] | None = None,
+    utterances: Sequence[tuple[Utterance, WindowAnswer]] = (),
 ) -> dict[str, Any]:
-    """The timeline from what the model said of each window, in window order; ``prosody`` if
-    already measured, else measured here."""
+    """The timeline from what the model said of each window, in window order, and of each
+    utterance; ``prosody`` (of the windows) if already measured, else measured here."""
     prosody = prosody or [pipeline.measure(w) for w in windows]
     frames = [
         pipeline.complete(w, answer, p)
         for w, answer, p in zip(windows, answers, prosody, strict=True)
     ]
-    return timeline(model_info, pipeline.config, frames, pipeline.summary_dict())
+    said = [pipeline.complete_utterance(u, a, pipeline.measure(u)) for u, a in utterances]
+    return timeline(
+        model_info,
+        pipeline.config,
+        frames,
+        pipeline.summary_dict(),
+        [u.as_dict() for u in said],
+    )
 
 
 def analyze(
@@ -515,7 +530,9 @@ def analyze(
     max_batch: int = 8,
 ) -> dict[str, Any]:
     """Timeline of a whole mono 16 kHz signal with ``model`` (an :class:`EmotionModel`)."""
-    pipeline, windows = plan_file(samples, tuple(model.labels), config, narrowband=narrowband)
+    pipeline, windows, utterances = plan_file(
+        samples, tuple(model.labels), config, narrowband=narrowband
+    )
     answers: list[Any] = [None] * len(windows)
     by_length: dict[int, list[int]] = {}
     for i, w in enumerate(windows):
@@ -527,4 +544,7 @@ def analyze(
             prediction = model.predict(batch, embeddings=embeddings)
             for j, i in enumerate(part):
                 answers[i] = prediction.answer(j)
-    return complete_file(pipeline, windows, answers, model.describe())
+    said = [  # each alone: lengths differ, and a clip is classified as generate() would
+        (u, model.predict(u.samples[None, :], embeddings=embeddings).answer(0)) for u in utterances
+    ]
+    return complete_file(pipeline, windows, answers, model.describe(), utterances=said)

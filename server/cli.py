@@ -79,6 +79,14 @@ def format_timeline(timeline: dict[str, Any]) -> str:
             f"{f['start_s']:7.2f} {f['end_s']:7.2f}  {f['emotion']:<10} {f['confidence']:5.2f}  "
             f"{s['index']:6.1f} {s['level']}{' (calibrating)' if s['calibrating'] else ''}"
         )
+    if timeline.get("utterances"):
+        lines.append("utterances (each classified whole):")
+        for u in timeline["utterances"]:
+            s = u["stress"]
+            lines.append(
+                f"{u['start_s']:7.2f} {u['end_s']:7.2f}  {u['emotion']:<10} {u['confidence']:5.2f}"
+                f"  {s['index']:6.1f} {s['level']}"
+            )
     summary = timeline["summary"]
     lines.append(
         f"{summary['windows']} windows over {summary['duration_s']:.1f} s "

@@ -420,8 +420,8 @@ class SessionFactory:
             failed=track.failed,
             utterances_dropped=track.utterances_dropped,
         )
-        out = timeline(self.model_info, self.settings.pipeline_config(), frames, summary)
-        if track.pipeline.config.utterances:
-            out["utterances"] = utterances
+        out = timeline(
+            self.model_info, track.pipeline.config, frames, summary, utterances=utterances
+        )
         out["errors"] = [{"code": e.code, "message": e.message} for e in errors]
         return out

@@ -95,7 +95,9 @@ class Metrics:
         self.batch_size = Histogram(
             p + "batch_size", "Windows per forward pass", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
-        self.queue_depth = Gauge(p + "queue_depth", "Windows waiting for the model", registry=r)
+        self.queue_depth = Gauge(
+            p + "queue_depth", "Windows and utterances waiting for the model", registry=r
+        )
         self.hub_lag_seconds = Histogram(
             p + "hub_lag_seconds",
             "How late the event loop woke a 50 ms timer: every client waits this long",

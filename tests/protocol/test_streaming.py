@@ -245,6 +245,16 @@ def test_http_analyze_returns_the_cli_timeline(server, tiny_model_dir, tmp_path)
         assert max(abs(a["scores"][k] - b["scores"][k]) for k in LABELS) < 1e-3
         assert a["stress"]["index"] == pytest.approx(b["stress"]["index"], abs=0.5)
     assert http["summary"]["windows"] == cli["summary"]["windows"]
+    # the same utterances, each classified whole by both
+    assert len(http["utterances"]) >= 2  # talk() pauses between its phrases
+    assert [(u["start_s"], u["end_s"]) for u in http["utterances"]] == [
+        (u["start_s"], u["end_s"]) for u in cli["utterances"]
+    ]
+    for a, b in zip(http["utterances"], cli["utterances"], strict=True):
+        assert max(abs(a["scores"][k] - b["scores"][k]) for k in LABELS) < 1e-3
+        assert a["stress"]["index"] == pytest.approx(b["stress"]["index"], abs=0.5)
+    assert http["summary"]["utterances"]["count"] == len(cli["utterances"])
+    assert cli["summary"]["utterances"]["count"] == len(cli["utterances"])
     # one shape from one code path: the same settings, fields and summary
     assert http["config"] == cli["config"] and http["model"]["labels"] == cli["model"]["labels"]
     assert [set(f) for f in http["frames"]] == [set(f) for f in cli["frames"]]
