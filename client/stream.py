@@ -41,18 +41,24 @@ class StreamClient:
         on_result: Handler | None = None,
         on_vad: Handler | None = None,
         on_error: Handler | None = None,
+        on_utterance: Handler | None = None,
         timeout_s: float = 10.0,
     ) -> None:
+        """``on_utterance``: each ``utterance_result`` (a whole utterance, classified once).
+        Those the server sends while this client is away are not replayed; the stored session
+        (``GET /api/sessions/<id>``) has every one."""
         self.url = url
         self.token = token
         self.timeout_s = timeout_s
         self.on_result = on_result
         self.on_vad = on_vad
         self.on_error = on_error
+        self.on_utterance = on_utterance
         self.session_id: str | None = None
         self.resume_token: str | None = None
         self.config: dict[str, Any] = {}
         self.results: list[dict[str, Any]] = []
+        self.utterances: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
         self.summary: dict[str, Any] | None = None
         self.last_seq = 0
@@ -65,6 +71,7 @@ class StreamClient:
         self._moving = False  # the node said it hands the session off (DRAINING, resume)
         self.sio = socketio.Client(reconnection=True, reconnection_delay=0.5)
         self.sio.on("emotion_result", self._result)
+        self.sio.on("utterance_result", self._utterance)
         self.sio.on("vad", lambda d: self.on_vad and self.on_vad(d))
         self.sio.on("error", self._error)
         self.sio.on("session_summary", self._summary)
@@ -85,6 +92,7 @@ class StreamClient:
         channels: int = 1,
         session_id: str | None = None,
         embeddings: bool = False,
+        utterances: bool = True,
     ) -> dict[str, Any]:
         if not self.sio.connected:
             self.connect()
@@ -92,7 +100,7 @@ class StreamClient:
             "sample_rate": sample_rate,
             "encoding": encoding,
             "channels": channels,
-            "options": {"embeddings": embeddings},
+            "options": {"embeddings": embeddings, "utterances": utterances},
         }
         if session_id:
             self._start_args["session_id"] = session_id
@@ -191,6 +199,14 @@ class StreamClient:
         if self.on_result:
             self.on_result(data)
 
+    def _utterance(self, data: dict[str, Any]) -> None:
+        if data.get("session_id") != self.session_id:
+            return
+        with self._lock:
+            self.utterances.append(data)
+        if self.on_utterance:
+            self.on_utterance(data)
+
     def _error(self, data: dict[str, Any]) -> None:
         if data.get("code") == "DRAINING" and data.get("resume"):
             self._moving = True  # hold the audio: the server disconnects, we resume elsewhere
@@ -212,6 +228,7 @@ def stream_file(
     token: str | None = None,
     on_result: Handler | None = None,
     on_error: Handler | None = None,
+    on_utterance: Handler | None = None,
     chunk_s: float = 0.1,
 ) -> tuple[StreamClient, dict[str, Any]]:
     """Stream a file as 16 kHz PCM16 in ``chunk_s`` chunks, ``speed`` times real time."""
@@ -221,7 +238,9 @@ def stream_file(
 
     samples, _ = load_file(path)
     pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
-    client = StreamClient(url, token=token, on_result=on_result, on_error=on_error)
+    client = StreamClient(
+        url, token=token, on_result=on_result, on_error=on_error, on_utterance=on_utterance
+    )
     client.start(sample_rate=16000, encoding="pcm_s16le")
     step = int(16000 * chunk_s) * 2
     started = time.monotonic()

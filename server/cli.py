@@ -133,26 +133,37 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     warned: list[bool] = []  # the random-weight banner goes first, and once
 
-    def show(result: dict[str, Any]) -> None:
+    def show_line(line: str) -> None:
         try:
-            _show(result)
+            print(line, flush=True)
         except BrokenPipeError:  # `voxaffect stream ... | head`: stop printing quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-    def _show(result: dict[str, Any]) -> None:
+    def show(result: dict[str, Any]) -> None:
         if args.json:
-            print(json.dumps(result, ensure_ascii=False), flush=True)
+            show_line(json.dumps(result, ensure_ascii=False))
             return
         if result.get("random_weights") and not warned:
             warned.append(True)
             print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
         s = result["stress"]
         warn = "  [random weights]" if result.get("random_weights") else ""
-        print(
+        show_line(
             f"#{result['seq']:<4} {result['start_s']:7.2f}-{result['end_s']:7.2f}s  "
             f"{result['emotion']:<10} {result['confidence']:.2f}  stress {s['index']:5.1f} "
-            f"{s['level']:<9} {result['latency_ms']:6.0f} ms{warn}",
-            flush=True,
+            f"{s['level']:<9} {result['latency_ms']:6.0f} ms{warn}"
+        )
+
+    def said(utterance: dict[str, Any]) -> None:
+        if args.json:
+            show_line(json.dumps({"utterance": utterance}, ensure_ascii=False))
+            return
+        s = utterance["stress"]
+        show_line(
+            f"utt{utterance['utterance_seq']:<3} {utterance['start_s']:7.2f}-"
+            f"{utterance['end_s']:7.2f}s  {utterance['emotion']:<10} "
+            f"{utterance['confidence']:.2f}  stress {s['index']:5.1f} {s['level']:<9} "
+            f"(whole utterance){'  [random weights]' if utterance.get('random_weights') else ''}"
         )
 
     def problem(error: dict[str, Any]) -> None:
@@ -166,6 +177,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             token=args.token,
             on_result=show,
             on_error=problem,
+            on_utterance=said,
         )
     except (AudioFormatError, ServerError, TimeoutError, OSError) as exc:
         print(f"voxaffect stream: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -80,6 +81,62 @@ def test_a_stream_gets_ordered_results_a_summary_and_a_stored_timeline(server):
     assert float(rows[2]["happy"]) == results[2]["scores"]["happy"]
     status, listing = server.get("/api/sessions")
     assert sid in [s["session_id"] for s in listing["sessions"]]
+
+
+def test_each_utterance_comes_whole_in_order_before_the_summary_and_is_stored(server):
+    client = Recorder(server.url)
+    sid = client.start()["session_id"]
+    audio = np.concatenate([talk(), talk()])  # speech() pauses inside each phrase too
+    client.stream(sid, to_pcm16(audio), speed=4)
+    summary = client.end(sid)
+    said = client.of("utterance_result")
+    assert len(said) >= 4
+    assert [u["utterance_seq"] for u in said] == list(range(len(said)))
+    assert all(a["end_s"] <= b["start_s"] for a, b in itertools.pairwise(said))
+    for u in said:
+        assert u["session_id"] == sid and u["random_weights"] is True
+        assert set(u["scores"]) == set(LABELS)
+        assert u["emotion"] == max(u["scores"], key=u["scores"].get)
+        assert 0 <= u["stress"]["index"] <= 100 and u["stress"]["components"]
+        assert u["speech_s"] == pytest.approx(u["end_s"] - u["start_s"], abs=1e-3)
+        assert 0 < u["end_s"] <= audio.size / 16000 + 0.01
+    # the summary came after the last of them, and counts them
+    names = [name for name, _ in client.events]
+    assert max(i for i, n in enumerate(names) if n == "utterance_result") < names.index(
+        "session_summary"
+    )
+    assert summary["utterances"]["count"] == len(said)
+    assert summary["utterances"]["dropped"] == {}
+    assert sum(summary["utterances"]["by_emotion"].values()) == len(said)
+    client.close()
+
+    status, stored = server.get(f"/api/sessions/{sid}")
+    assert status == 200
+    assert [u["utterance_seq"] for u in stored["utterances"]] == [u["utterance_seq"] for u in said]
+    assert stored["utterances"][1]["scores"] == said[1]["scores"]
+    assert stored["summary"]["utterances"]["count"] == len(said)
+    status, body, headers = server.request(f"/api/sessions/{sid}?format=csv&rows=utterances")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert [int(r["utterance_seq"]) for r in rows] == [u["utterance_seq"] for u in said]
+    assert float(rows[0]["stress_index"]) == said[0]["stress"]["index"]
+    assert float(rows[0]["happy"]) == said[0]["scores"]["happy"]
+    status, _, _ = server.request(f"/api/sessions/{sid}?format=csv&rows=words")
+    assert status == 400
+
+
+def test_a_session_started_without_utterances_gets_none(server):
+    client = Recorder(server.url)
+    sid = client.start(options={"utterances": False})["session_id"]
+    client.stream(sid, to_pcm16(talk()), speed=4)
+    summary = client.end(sid)
+    assert client.of("emotion_result") and client.of("utterance_result") == []
+    assert "utterances" not in summary
+    client.close()
+    assert server.get(f"/api/sessions/{sid}")[1]["utterances"] == []
+    bad = Recorder(server.url)
+    assert bad.call("start_session", {"options": {"utterances": "yes"}})["error"]["code"]
+    bad.close()
 
 
 def test_base64_and_raw_bytes_chunks_and_other_encodings_give_the_same_windows(server):
@@ -292,11 +349,18 @@ def test_cli_stream_prints_results_as_they_arrive(server, tmp_path):
     sf.write(path, talk(), 16000, subtype="PCM_16")
     out = voxaffect("stream", str(path), "--url", server.url, "--speed", "4", "--json")
     lines = [json.loads(line) for line in out.stdout.splitlines()]
-    results, summary = lines[:-1], lines[-1]["summary"]
+    results = [line for line in lines[:-1] if "seq" in line]
+    said = [line["utterance"] for line in lines[:-1] if "utterance" in line]
+    summary = lines[-1]["summary"]
+    assert len(results) + len(said) == len(lines) - 1
     assert [r["seq"] for r in results] == list(range(1, len(results) + 1))
     assert summary["results"] == len(results)
+    assert said and [u["utterance_seq"] for u in said] == list(
+        range(summary["utterances"]["count"])
+    )
     out = voxaffect("stream", str(path), "--url", server.url, "--speed", "4")
     assert "RANDOM WEIGHTS" in out.stdout and "#1 " in out.stdout  # in the summary
+    assert "utt0 " in out.stdout and "(whole utterance)" in out.stdout
     assert out.stderr.startswith("WARNING: this model has RANDOM WEIGHTS")  # and before results
 
 

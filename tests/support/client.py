@@ -31,6 +31,7 @@ class Recorder:
         self.sio = socketio.Client(reconnection=False)
         for name in (
             "emotion_result",
+            "utterance_result",
             "vad",
             "error",
             "session_summary",
