@@ -32,6 +32,24 @@ export interface Result {
   embedding?: number[];
 }
 
+/** One utterance (speech between pauses), classified once as a whole clip; in order per track. */
+export interface Utterance {
+  session_id: string;
+  utterance_seq: number; // counts a track's utterances from 0
+  start_s: number;
+  end_s: number;
+  emotion: Emotion;
+  confidence: number;
+  scores: Record<Emotion, number>;
+  stress: Stress; // over the whole utterance, against the same speaker baseline
+  speech_s: number;
+  voiced_s: number;
+  split: boolean; // cut at max_utterance_s: the speaker had not paused
+  device: string;
+  random_weights?: boolean; // true: NOT emotions, a random-weight test model
+  track?: string;
+}
+
 export interface Vad {
   session_id: string;
   speech: boolean;
@@ -60,6 +78,14 @@ export interface Summary {
   failed?: number;
   random_weights: boolean;
   dynamics?: Record<string, unknown>;
+  utterances?: {
+    count: number;
+    by_emotion: Record<Emotion, number>;
+    emotion_mix: Record<Emotion, number>;
+    dominant_emotion: Emotion | null;
+    stress: { mean: number | null; max: number | null; peaks: unknown[] };
+    dropped: Record<"late" | "backlog" | "ended" | "failed", number>;
+  };
   tracks?: Record<string, Record<string, unknown>>;
 }
 
@@ -81,7 +107,7 @@ export interface ConnectOptions {
   sessionId?: string;
   resumeToken?: string; // resume a session instead of starting one
   sinceSeq?: number;
-  options?: { embeddings?: boolean };
+  options?: { embeddings?: boolean; utterances?: boolean };
   maxBufferedBytes?: number; // audio kept while reconnecting; default 1 MiB
   timeoutMs?: number;
   reconnectionDelayMax?: number;
@@ -90,7 +116,7 @@ export interface ConnectOptions {
 
 export interface SessionEvents {
   result: Result;
-  utterance: Record<string, unknown>;
+  utterance: Utterance; // not replayed on resume: the stored session has every one
   vad: Vad;
   alert: Alert;
   summary: Summary;
@@ -129,6 +155,7 @@ export interface MonitorEvents {
   sessions: SessionState[];
   session: SessionState;
   result: Result;
+  utterance: Utterance; // of subscribed sessions
   alert: Alert;
   error: VoxaffectError;
   reconnecting: { reason: string; attempt: number };

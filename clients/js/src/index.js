@@ -16,7 +16,7 @@ import { io } from "socket.io-client";
 const DEFAULT_BUFFER_BYTES = 1 << 20; // about 32 s of 16 kHz PCM16 while reconnecting
 const SERVER_EVENTS = {
   emotion_result: "result",
-  utterance_result: "utterance", // (for servers that send utterance results)
+  utterance_result: "utterance", // each utterance, classified whole (not replayed on resume)
   vad: "vad",
   alert: "alert",
   error: "error",
@@ -303,6 +303,7 @@ export async function watch(options) {
   const monitor = new Monitor(socket);
   socket.on("session_update", u => monitor._emit("session", u));
   socket.on("emotion_result", r => { if (monitor.subscribed.has(r.session_id)) monitor._emit("result", r); });
+  socket.on("utterance_result", u => { if (monitor.subscribed.has(u.session_id)) monitor._emit("utterance", u); });
   socket.on("alert", a => monitor._emit("alert", a));
   socket.on("error", e => monitor._emit("error", new VoxaffectError(e.code, e.message, e)));
   const list = async () => {

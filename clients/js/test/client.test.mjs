@@ -33,9 +33,14 @@ let reference;
 test("a session streams, gets each result once in order, and ends with its summary", async () => {
   const session = await connect({ url: URL, token: TOKEN });
   const results = collect(session);
+  const said = [];
+  session.on("utterance", u => said.push(u));
   await stream(session);
   const summary = await session.end();
   assert.ok(results.length > 3);
+  assert.ok(said.length >= 1); // each utterance, whole, before the summary
+  assert.deepEqual(said.map(u => u.utterance_seq), said.map((_, i) => i));
+  assert.equal(summary.utterances.count, said.length);
   assert.deepEqual(results.map(r => r.seq), results.map((_, i) => i + 1));
   assert.equal(summary.results, results.length);
   assert.equal(summary.session_id, session.id);
@@ -106,8 +111,9 @@ test("a supervisor watches: the live list, then one session's results; a subscri
   const session = await connect({ url: URL, token: TOKEN });
   const monitor = await watch({ url: URL, token: TOKEN });
   assert.ok(monitor.sessions.some(s => s.session_id === session.id));
-  const results = [];
+  const results = [], said = [];
   monitor.on("result", r => results.push(r));
+  monitor.on("utterance", u => said.push(u));
   await monitor.subscribe(session.id);
   const res = await fetch(`${URL}/api/tokens`, {
     method: "POST",
@@ -123,6 +129,7 @@ test("a supervisor watches: the live list, then one session's results; a subscri
   const summary = await session.end();
   await sleep(500);
   assert.equal(results.length, summary.results);
+  assert.equal(said.length, summary.utterances.count);
   assert.deepEqual(seenByOne.map(r => r.seq), results.map(r => r.seq));
   monitor.close();
   one.close();
