@@ -4,7 +4,7 @@
 import { connect } from "voxaffect-client";
 import { startMic } from "voxaffect-client/mic";
 
-const { HeatStrip, StressChart, renderDistribution, renderComponents, download, fmt } = window.Views;
+const { HeatStrip, StressChart, UtteranceBands, renderDistribution, renderComponents, download, fmt } = window.Views;
 const $ = id => document.getElementById(id);
 const MAX_RESULTS = 20000;        // about five and a half hours of 1 s hops
 
@@ -15,6 +15,7 @@ const state = {
 };
 const heat = new HeatStrip($("heat"));
 const stressChart = new StressChart($("stress-chart"));
+const bands = new UtteranceBands($("bands"), $("band-tip"));
 renderDistribution($("distribution"), null);
 renderComponents($("components"), null);
 
@@ -82,6 +83,7 @@ async function openSession() {
   state.session = session;
   window.voxaffectSocket = session.socket;
   session.on("result", onResult);
+  session.on("utterance", onUtterance);
   session.on("vad", v => setSpeech(v.speech));
   session.on("error", e => say(explain(e)));
   session.on("reconnecting", e => {
@@ -95,7 +97,8 @@ async function openSession() {
   session.on("summary", s => {
     $("timeline-info").textContent =
       `Session ended: ${s.results} windows analysed over ${fmt(s.duration_s)} s (${fmt(s.speech_s)} s of speech); ` +
-      `stress mean ${fmt(s.stress && s.stress.mean)}, peak ${fmt(s.stress && s.stress.max)}.`;
+      `stress mean ${fmt(s.stress && s.stress.mean)}, peak ${fmt(s.stress && s.stress.max)}.` +
+      (s.utterances ? ` ${s.utterances.count} utterance(s), mostly ${s.utterances.dominant_emotion || "–"}.` : "");
   });
   return session;
 }
@@ -108,7 +111,14 @@ function onResult(r) {  // once each, in order: the package drops replayed dupli
   show(r);
   heat.push(r);
   stressChart.push(r);
+  bands.reach(r.end_s);
   $("export-csv").disabled = $("export-json").disabled = false;
+}
+
+function onUtterance(u) {
+  bands.push(u);
+  $("utterance-info").textContent = `${bands.count} utterance(s); the last, ${fmt(u.start_s)}–${fmt(u.end_s)} s: ` +
+    `${u.emotion} ${(u.confidence * 100).toFixed(0)}%, stress ${fmt(u.stress.index, 0)}.`;
 }
 
 function show(r) {
@@ -166,7 +176,8 @@ async function start() {
   state.resumeToken = session.resumeToken;
   state.results = [];
   state.fileTimeline = null;
-  heat.clear(); stressChart.clear();
+  heat.clear(); stressChart.clear(); bands.clear();
+  $("utterance-info").textContent = "";
   setConnection("connected", "online");
   $("stop").disabled = false;
   setSpeech(false);
@@ -211,6 +222,9 @@ async function analyseFile(file) {
   state.sessionId = null;
   heat.setAll(body.frames);
   stressChart.setAll(body.frames);
+  bands.setAll(body.utterances || []);
+  bands.reach(body.summary.duration_s || 0);
+  $("utterance-info").textContent = body.utterances ? `${body.utterances.length} utterance(s).` : "Utterances are off on this server.";
   if (body.frames.length) show(body.frames[body.frames.length - 1]);
   $("timeline-info").textContent = `${file.name}: ${body.frames.length} windows over ${fmt(body.summary.duration_s)} s; ` +
     `dominant ${body.summary.dominant_emotion || "–"}, stress mean ${fmt(body.summary.stress.mean)}.`;
@@ -258,4 +272,4 @@ $("token").addEventListener("change", e => {
 state.token = new URLSearchParams(location.search).get("token") || localStorage.getItem("voxaffect-token") || "";
 $("token").value = state.token;
 loadInfo();
-window.voxaffect = { state, heat, stressChart }; // for tests and curious people
+window.voxaffect = { state, heat, stressChart, bands }; // for tests and curious people

@@ -107,6 +107,114 @@ class HeatStrip {
   }
 }
 
+// --- utterances: one band per utterance, coloured by its emotion, one lane per party ------------
+
+const MAX_UTTERANCES = 1000;
+const UTTERANCE_SPAN_S = 600; // the last ten minutes on screen, as the charts keep
+
+class UtteranceBands {
+  constructor(canvas, tip) {
+    this.canvas = canvas;
+    this.tip = tip;
+    this.items = [];
+    this.until = 0; // audio time shown up to: the latest result's end
+    this.pending = false;
+    this.drawn = []; // [x0, x1, y0, y1, utterance] of the last draw, for hovering
+    new ResizeObserver(() => this.schedule()).observe(canvas);
+    canvas.addEventListener("mousemove", e => this.hover(e));
+    canvas.addEventListener("mouseleave", () => { this.tip.hidden = true; });
+  }
+
+  clear() { this.items = []; this.until = 0; this.schedule(); }
+
+  push(u) {  // once each (a track's utterance_seq), whatever order a replay brings them in
+    const key = `${u.track || ""}/${u.utterance_seq}`;
+    if (this.items.some(x => `${x.track || ""}/${x.utterance_seq}` === key)) return;
+    this.items.push(u);
+    this.items.sort((a, b) => a.start_s - b.start_s);
+    if (this.items.length > MAX_UTTERANCES) this.items.splice(0, this.items.length - MAX_UTTERANCES);
+    this.until = Math.max(this.until, u.end_s);
+    this.schedule();
+  }
+
+  setAll(list) { this.clear(); for (const u of list) this.push(u); }
+
+  reach(endS) { if (endS > this.until) { this.until = endS; this.schedule(); } }
+
+  get count() { return this.items.length; }
+
+  lanes() {
+    return [...new Set(this.items.map(u => u.track || "speaker"))].sort();
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => { this.pending = false; this.draw(); });
+  }
+
+  draw() {
+    const c = this.canvas;
+    const dpr = window.devicePixelRatio || 1;
+    const w = c.clientWidth, h = c.clientHeight;
+    if (c.width !== w * dpr || c.height !== h * dpr) { c.width = w * dpr; c.height = h * dpr; }
+    const g = c.getContext("2d");
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.clearRect(0, 0, w, h);
+    const lanes = this.lanes();
+    const labelW = 78, axisH = 16;
+    const laneH = (h - axisH) / Math.max(1, lanes.length);
+    const t1 = Math.max(this.until, 10), t0 = Math.max(0, t1 - UTTERANCE_SPAN_S);
+    const x = t => labelW + (t - t0) / (t1 - t0) * (w - labelW);
+    g.font = "12px system-ui, sans-serif";
+    g.textBaseline = "middle";
+    g.fillStyle = "#b4b8c5";
+    lanes.forEach((name, i) => g.fillText(name, 4, (i + 0.5) * laneH));
+    if (!lanes.length) g.fillText("No utterance yet: each appears when its speaker pauses.", labelW, laneH / 2);
+    this.drawn = [];
+    for (const u of this.items) {
+      if (u.end_s < t0) continue;
+      const lane = lanes.indexOf(u.track || "speaker");
+      const x0 = x(Math.max(u.start_s, t0)), x1 = Math.max(x0 + 2, x(u.end_s));
+      const y0 = lane * laneH + 3, y1 = (lane + 1) * laneH - 3;
+      g.globalAlpha = 0.35 + 0.65 * Math.min(1, u.confidence || 0);
+      g.fillStyle = EMOTION_COLORS[u.emotion] || "#60646c";
+      g.fillRect(x0, y0, x1 - x0, y1 - y0);
+      this.drawn.push([x0, x1, y0, y1, u]);
+    }
+    g.globalAlpha = 1;
+    g.fillStyle = "#b4b8c5";
+    g.textBaseline = "alphabetic";
+    const step = t1 - t0 > 120 ? 60 : t1 - t0 > 30 ? 10 : 5;
+    for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
+      const label = `${t}s`, tw = g.measureText(label).width;
+      g.fillText(label, Math.min(Math.max(labelW, x(t) - tw / 2), w - tw), h - 3);
+    }
+  }
+
+  at(px, py) {
+    return (this.drawn.find(([x0, x1, y0, y1]) => px >= x0 && px <= x1 && py >= y0 && py <= y1) || [])[4];
+  }
+
+  hover(e) {
+    const box = this.canvas.getBoundingClientRect();
+    const u = this.at(e.clientX - box.left, e.clientY - box.top);
+    if (!u) { this.tip.hidden = true; return; }
+    const top = Object.entries(u.scores).sort((a, b) => b[1] - a[1]);
+    this.tip.replaceChildren(
+      el("strong", { style: `color:${EMOTION_COLORS[u.emotion]}` }, `${u.emotion} ${(u.confidence * 100).toFixed(0)}%`),
+      ` · ${u.track || "speaker"} · ${fmt(u.start_s)}–${fmt(u.end_s)} s · stress ${fmt(u.stress.index, 0)} (${u.stress.level})`,
+      u.random_weights ? el("div", { class: "muted small" }, "random-weight model: these are not emotions") : "",
+      ...top.map(([label, p]) => el("div", { class: "tip-row", "data-label": label },
+        el("span", { class: "bar-label" }, label), `${(p * 100).toFixed(1)}%`)));
+    this.tip.hidden = false;
+    const px = e.clientX - box.left, py = e.clientY - box.top;
+    const flip = px + 12 + this.tip.offsetWidth > box.width; // near the right edge: to the left
+    this.tip.style.left = `${flip ? px - 12 - this.tip.offsetWidth : px + 12}px`;
+    this.tip.style.top = `${py + 12}px`;
+  }
+}
+
 // --- stress index over time, on the four level bands ------------------------------------------
 
 class StressChart {
@@ -238,5 +346,5 @@ function download(name, content, type) {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
-window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, renderDistribution, renderComponents, download, el, fmt, thinned };
+window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, UtteranceBands, renderDistribution, renderComponents, download, el, fmt, thinned };
 })();

@@ -3,14 +3,14 @@
 // The connection is voxaffect-client's watch(); this file is the monitor's UI.
 import { watch } from "voxaffect-client";
 
-const { HeatStrip, StressChart, renderDistribution, renderComponents, fmt, el } = window.Views;
+const { HeatStrip, StressChart, UtteranceBands, renderDistribution, renderComponents, fmt, el } = window.Views;
 const $ = id => document.getElementById(id);
 const sessions = new Map();   // session_id -> last known state
 const MAX_HISTORY = 2000;
 let selected = null;
 let history = [];             // the selected session's results, every party
 let track = null;             // the party shown, for calls analysed per party (customer, agent)
-let heat = null, stressChart = null, monitor = null;
+let heat = null, stressChart = null, bands = null, monitor = null;
 const alerts = new Map();     // alert id -> the active (firing) alert
 const TITLE = document.title;
 let focusAt = null;           // audio time to show once the selected session's results arrive
@@ -134,16 +134,42 @@ function redraw() {
 
 function select(id) {
   if (selected && selected !== id) monitor.unsubscribe(selected);
-  if (id !== selected) { history = []; track = null; }
+  if (id !== selected) { history = []; track = null; if (bands) bands.clear(); }
   selected = id;
   $("detail").hidden = false;
   $("detail-id").textContent = id;
-  if (!heat) { heat = new HeatStrip($("heat")); stressChart = new StressChart($("stress-chart")); }
+  if (!heat) {
+    heat = new HeatStrip($("heat"));
+    stressChart = new StressChart($("stress-chart"));
+    bands = new UtteranceBands($("bands"), $("band-tip"));
+  }
+  renderDynamics(sessions.get(id));
   monitor.subscribe(id).then(recent => {
     history = recent.slice(-MAX_HISTORY);
     redraw();
   }, err => say(err.details.message || err.message));
+  // the utterances so far are stored (live ones are not replayed); new ones arrive as events
+  fetch(`/api/sessions/${encodeURIComponent(id)}`, { headers: token ? { Authorization: `Bearer ${token}` } : {} })
+    .then(r => r.ok ? r.json() : { utterances: [] })
+    .then(stored => { if (selected === id) for (const u of stored.utterances || []) bands.push(u); })
+    .catch(() => {});
   renderTable();
+}
+
+// The conversation so far (the server's, as of each party's last pause): talk, overtalk, turns.
+function renderDynamics(s) {
+  const d = s && s.dynamics;
+  if (!d) { $("dynamics").replaceChildren(el("span", {}, "Call dynamics: after the first pause.")); return; }
+  const parties = Object.entries(d.parties).map(([name, p]) =>
+    el("span", { "data-party": name }, `${name}: talk ${fmt(p.talk_s, 0)} s (${(p.talk_ratio * 100).toFixed(0)}%), ` +
+      `${p.turns} turns, ${p.interruptions} interruptions`));
+  $("dynamics").replaceChildren(...parties,
+    el("span", {}, `overtalk ${fmt(d.overtalk_s, 1)} s in ${d.overtalk_count}`),
+    el("span", {}, `longest silence ${fmt(d.longest_silence_s, 1)} s`));
+}
+
+function onUtterance(u) {
+  if (u.session_id === selected && bands) bands.push(u);
 }
 
 function onResult(r) {
@@ -154,6 +180,7 @@ function onResult(r) {
   if (track && r.track !== track) return;
   heat.push(r);
   stressChart.push(r);
+  bands.reach(r.end_s);
   showResult(r);
 }
 
@@ -189,9 +216,11 @@ async function connect() {
   monitor.on("session", u => {
     if (u.event === "ended") sessions.delete(u.session_id);
     else sessions.set(u.session_id, u);
+    if (u.session_id === selected) renderDynamics(u);
     renderTable();
   });
   monitor.on("result", onResult);
+  monitor.on("utterance", onUtterance);
   monitor.on("alert", onAlert);
   monitor.on("error", e => say(`Server error ${e.code}: ${e.details.message || e.message}`));
   listed(monitor.sessions);
@@ -212,4 +241,4 @@ fetch("/api/info").then(r => r.json()).then(info => {
   connect();
 }).catch(() => { setConnection("unreachable", "error"); say("Cannot reach the voxaffect server."); });
 
-window.monitor = { get alerts() { return alerts; }, get history() { return history; }, get track() { return track; }, get stressChart() { return stressChart; } }; // for tests
+window.monitor = { get alerts() { return alerts; }, get history() { return history; }, get track() { return track; }, get stressChart() { return stressChart; }, get bands() { return bands; } }; // for tests

@@ -140,7 +140,7 @@ export declare class Session {
 export declare function connect(options: ConnectOptions): Promise<Session>;
 
 export interface SessionState {
-  event?: "started" | "updated" | "ended" | string;
+  event?: "started" | "result" | "paused" | "ended" | "handed_off" | "disconnected" | string;
   session_id: string;
   source: string;
   started_at: number;
@@ -148,6 +148,7 @@ export interface SessionState {
   connected: boolean;
   meta?: Record<string, unknown>;
   last?: Result | null;
+  dynamics?: Record<string, unknown> | null; // the call's so far, as of a party's last pause
   [field: string]: unknown;
 }
 

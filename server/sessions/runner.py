@@ -344,6 +344,8 @@ class SessionRunner:
     def _after_feed(self, track: Track, fed: Any, received_at: float) -> None:
         for change in fed.vad_events:
             track.speech.change(change.speech, change.at_s)
+            if not change.speech:  # a segment closed: the monitor's dynamics so far
+                self.session.dynamics = self._dynamics()
             payload = wire.vad(self.session.id, track.name, change.speech, change.at_s)
             self._publish(VadChange(self.session, payload))
         if fed.skipped_silence:
@@ -376,10 +378,7 @@ class SessionRunner:
         summary = wire.summary(self.session, reason, tracks, self.random_weights)
         for t in self.tracks.values():
             t.speech.close(t.pipeline.audio_s)
-        summary["dynamics"] = call_dynamics(
-            {t.name or "speaker": t.speech.segments for t in self.tracks.values()},
-            max((t.pipeline.audio_s for t in self.tracks.values()), default=0.0),
-        )
+        summary["dynamics"] = self.session.dynamics = self._dynamics()
         if self._hand_off:
             session = self.session
             state = {  # the resume token is not in it: the store keeps only its hash
@@ -392,6 +391,13 @@ class SessionRunner:
             self._publish(HandedOff(session, state))
             return
         self._publish(Ended(self.session, reason, summary))
+
+    def _dynamics(self) -> dict[str, Any]:
+        """The conversation's measures over every track's closed speech segments."""
+        return call_dynamics(
+            {t.name or "speaker": t.speech.segments for t in self.tracks.values()},
+            max((t.pipeline.audio_s for t in self.tracks.values()), default=0.0),
+        )
 
     def _wait_idle(self) -> None:
         with self._cond:

@@ -48,6 +48,7 @@ class Session:
     seq: int = 0
     published_seq: int = 0  # the last seq emitted to the session's room
     ended: bool = False
+    dynamics: dict[str, Any] | None = None  # the call's so far, as of its last closed segment
 
     def __post_init__(self) -> None:
         self.results: deque[Result] = deque(maxlen=self.results_kept)

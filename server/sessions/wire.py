@@ -151,6 +151,7 @@ def session_state(session: Session) -> dict[str, Any]:
         "results": session.seq,
         "meta": session.meta,
         "last": session.results[-1] if session.results else None,
+        "dynamics": session.dynamics,
     }
 
 

@@ -99,6 +99,8 @@ class MonitorPublisher:
             HandedOff: "handed_off",
             Disconnected: "disconnected",
         }.get(type(event))
+        if isinstance(event, VadChange) and not event.payload["speech"]:
+            kind = "paused"  # a party paused: the call's dynamics changed
         if kind is not None:
             state = wire.session_state(event.session)
             self._emit("session_update", {"event": kind, **state}, to=MONITOR_ROOM)

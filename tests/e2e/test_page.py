@@ -62,6 +62,9 @@ def test_the_microphone_page_streams_and_shows_results_charts_and_exports(browse
         assert float(row["stress_index"]) == frame["stress"]["index"]
     shown = {r["seq"] for r in page.evaluate("window.voxaffect.state.results")}
     assert shown == {f["seq"] for f in stored["frames"]}
+    # every utterance the session stored is a band on the page
+    assert stored["utterances"]
+    assert page.evaluate("window.voxaffect.bands.count") == len(stored["utterances"])
     # Stopping is not an error: no audio may follow end_session (UNKNOWN_SESSION banner).
     assert page.locator("#errors .banner.error").all_text_contents() == []
     page.screenshot(path=str(ARTIFACTS / "live-ended.png"), full_page=True)
@@ -77,11 +80,33 @@ def test_a_file_can_be_analysed_from_the_page(browser, page_server, fake_mic_wav
         timeout=60_000,
     )
     assert "windows over" in page.text_content("#timeline-info")
+    timeline = page.evaluate("window.voxaffect.state.fileTimeline")
+    said = timeline["utterances"]
+    assert said and page.evaluate("window.voxaffect.bands.count") == len(said)
+    hover_band(page, "#bands", "window.voxaffect.bands", said[0])
     with page.expect_download() as info:
         page.click("#export-json")
     assert info.value.suggested_filename.endswith(".json")
     page.screenshot(path=str(ARTIFACTS / "file.png"), full_page=True)
     context.close()
+
+
+def hover_band(page, canvas: str, bands: str, utterance: dict) -> None:
+    """Hover the band drawn for ``utterance``: the tip shows its emotion, span and every score."""
+    page.wait_for_function(f"{bands}.drawn.length === {bands}.count")
+    x0, x1, y0, y1 = page.evaluate(
+        f"""{bands}.drawn.find(d => d[4].utterance_seq === {utterance["utterance_seq"]}
+            && (d[4].track || '') === '{utterance.get("track", "")}').slice(0, 4)"""
+    )
+    box = page.locator(canvas).bounding_box()
+    page.mouse.move(box["x"] + (x0 + x1) / 2, box["y"] + (y0 + y1) / 2)
+    tip = page.locator(canvas + " + .tip")
+    tip.wait_for(state="visible")
+    text = tip.text_content()
+    assert text.startswith(f"{utterance['emotion']} {round(utterance['confidence'] * 100)}%")
+    assert f"{utterance['start_s']:.1f}–{utterance['end_s']:.1f} s" in text
+    assert "random-weight model" in text  # a random-weight test model is never shown bare
+    assert tip.locator(".tip-row").count() == len(utterance["scores"])
 
 
 def test_errors_are_told_in_words(browser, page_server):
@@ -253,6 +278,18 @@ def test_the_monitor_shows_a_call_one_party_at_a_time(browser, tiny_model_dir, t
         shown("agent")
         parties = monitor.evaluate("window.monitor.history.map(r => r.track)")
         assert {"customer", "agent"} <= set(parties)
+        # utterances: one lane per party; the call's dynamics so far, both parties
+        monitor.wait_for_function(
+            "window.monitor.bands && window.monitor.bands.lanes().length === 2", timeout=60_000
+        )
+        assert monitor.evaluate("window.monitor.bands.lanes()") == ["agent", "customer"]
+        monitor.wait_for_selector("#dynamics [data-party=agent]", timeout=30_000)
+        assert "turns" in monitor.text_content("#dynamics [data-party=customer]")
+        assert "overtalk" in monitor.text_content("#dynamics")
+        agent_said = monitor.evaluate(
+            "window.monitor.bands.items.filter(u => u.track === 'agent')[0]"
+        )
+        hover_band(monitor, "#bands", "window.monitor.bands", agent_said)
         monitor.screenshot(path=str(ARTIFACTS / "monitor-call.png"), full_page=True)
         call.join()
         context.close()
