@@ -41,7 +41,9 @@ def model_seconds(model: Any, clips: list[np.ndarray], repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (random-model --size large)")
+    p.add_argument(
+        "--model", required=True, help="checkpoint directory (random-model --size large)"
+    )
     p.add_argument("--dtype", default="int8", help="fp32, fp16, bf16 or int8 (the CPU's best path)")
     p.add_argument("--seconds", type=float, default=120.0, help="stream length")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

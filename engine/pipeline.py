@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import SAMPLE_RATE
+from engine import SAMPLE_RATE, circumplex
 from engine.audio import AudioFormat, AudioFormatError, StreamDecoder
 from engine.model import WindowAnswer
 from engine.prosody import Prosody, measure
@@ -93,6 +93,7 @@ def _classified(
         "emotion": emotion,
         "confidence": round(confidence, 4),
         "scores": {k: round(v, 4) for k, v in scores.items()},
+        "circumplex": circumplex.project(scores),  # derived from the scores, not a model's own
         "stress": stress.as_dict(),
     }
 

@@ -126,6 +126,7 @@ function show(r) {
   $("emotion").style.color = Views.EMOTION_COLORS[r.emotion];
   $("confidence").textContent = `${(r.confidence * 100).toFixed(0)}% confidence`;
   renderDistribution($("distribution"), r);
+  $("derived-info").textContent = Views.derived(r.circumplex);
   $("window-info").textContent = `${fmt(r.start_s)}–${fmt(r.end_s)} s · ${(r.speech_ratio * 100).toFixed(0)}% speech · ${r.device}` +
     (r.latency_ms != null ? ` · ${r.latency_ms.toFixed(0)} ms` : "") + (r.narrowband ? " · narrowband" : "") +
     Views.thinned(r, state.info && state.info.config.hop_s);

@@ -204,6 +204,7 @@ class UtteranceBands {
     this.tip.replaceChildren(
       el("strong", { style: `color:${EMOTION_COLORS[u.emotion]}` }, `${u.emotion} ${(u.confidence * 100).toFixed(0)}%`),
       ` · ${u.track || "speaker"} · ${fmt(u.start_s)}–${fmt(u.end_s)} s · stress ${fmt(u.stress.index, 0)} (${u.stress.level})`,
+      el("div", { class: "muted small" }, derived(u.circumplex)),
       u.random_weights ? el("div", { class: "muted small" }, "random-weight model: these are not emotions") : "",
       ...top.map(([label, p]) => el("div", { class: "tip-row", "data-label": label },
         el("span", { class: "bar-label" }, label), `${(p * 100).toFixed(1)}%`)));
@@ -305,6 +306,14 @@ function thinned(result, hopS) {
     ? ` · thinned: ${fmt(result.hop_s, 1)} s since the previous result` : "";
 }
 
+// Valence and arousal projected from the scores (engine/circumplex.py): said to be derived.
+function derived(c) {
+  if (!c || c.valence == null) return "valence / arousal: – (no label with a place on the circumplex)";
+  const signed = x => `${x >= 0 ? "+" : "−"}${Math.abs(x).toFixed(2)}`;
+  const share = c.mapped < 0.999 ? `, ${(c.mapped * 100).toFixed(0)}% of the scores placed` : "";
+  return `valence ${signed(c.valence)} · arousal ${signed(c.arousal)} (derived from the emotion scores${share})`;
+}
+
 function measure(value, unit, withUnit = true) {
   const [text, shown] = unit === "semitones re 100 Hz" ? [fmt(100 * 2 ** (value / 12), 0), "Hz"] : [fmt(value, 2), unit];
   return withUnit ? `${text} ${shown}` : text;
@@ -346,5 +355,5 @@ function download(name, content, type) {
   setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
-window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, UtteranceBands, renderDistribution, renderComponents, download, el, fmt, thinned };
+window.Views = { EMOTIONS, EMOTION_COLORS, LEVELS, HeatStrip, StressChart, UtteranceBands, renderDistribution, renderComponents, download, el, fmt, thinned, derived };
 })();

@@ -60,6 +60,7 @@ function showResult(r) {
   $("emotion").style.color = Views.EMOTION_COLORS[r.emotion];
   $("confidence").textContent = `${(r.confidence * 100).toFixed(0)}%`;
   renderDistribution($("distribution"), r);
+  $("derived-info").textContent = Views.derived(r.circumplex);
   $("stress-value").textContent = fmt(r.stress.index, 0);
   $("stress-level").textContent = r.stress.level;
   $("stress-level").dataset.level = r.stress.level;

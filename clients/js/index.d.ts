@@ -11,6 +11,14 @@ export interface Stress {
   components: Record<string, number>;
 }
 
+/** Valence and arousal projected from the scores (README: Derived valence and arousal); not a dimensional model. */
+export interface Circumplex {
+  valence: number | null; // -1..1
+  arousal: number | null; // -1..1
+  mapped: number; // share of probability on labels with a place on the circle
+  derived_from: "emotion scores";
+}
+
 export interface Result {
   session_id: string;
   seq: number; // rises by one per session
@@ -19,6 +27,7 @@ export interface Result {
   emotion: Emotion;
   confidence: number;
   scores: Record<Emotion, number>;
+  circumplex: Circumplex;
   stress: Stress;
   speech_ratio: number;
   device: string;
@@ -41,6 +50,7 @@ export interface Utterance {
   emotion: Emotion;
   confidence: number;
   scores: Record<Emotion, number>;
+  circumplex: Circumplex;
   stress: Stress; // over the whole utterance, against the same speaker baseline
   speech_s: number;
   voiced_s: number;

@@ -166,6 +166,8 @@ CSV_COLUMNS = (
     ("stress_level", lambda f: f["stress"]["level"]),
     ("stress_confidence", lambda f: f["stress"]["confidence"]),
     ("speech_ratio", lambda f: f["speech_ratio"]),
+    ("valence_derived", lambda f: f.get("circumplex", {}).get("valence")),
+    ("arousal_derived", lambda f: f.get("circumplex", {}).get("arousal")),
     ("device", lambda f: f["device"]),
 )
 
@@ -183,6 +185,8 @@ UTTERANCE_CSV_COLUMNS = (
     ("speech_s", lambda u: u["speech_s"]),
     ("voiced_s", lambda u: u["voiced_s"]),
     ("split", lambda u: u["split"]),
+    ("valence_derived", lambda u: u.get("circumplex", {}).get("valence")),
+    ("arousal_derived", lambda u: u.get("circumplex", {}).get("arousal")),
     ("device", lambda u: u["device"]),
 )
 

@@ -40,6 +40,7 @@ def test_the_microphone_page_streams_and_shows_results_charts_and_exports(browse
     assert fmt["outputRate"] == 16000 and fmt["inputRate"] in (44100, 48000, 16000)
     assert page.text_content("#emotion") in results[-1]["scores"]
     assert page.text_content("#stress-value") != "–"
+    assert "derived from the emotion scores" in page.text_content("#derived-info")
     assert page.locator("#components .comp-row").count() >= 3
     assert page.evaluate("window.voxaffect.stressChart.points") == len(results)
     assert page.text_content("#speech") in ("speech", "silence")
@@ -107,6 +108,7 @@ def hover_band(page, canvas: str, bands: str, utterance: dict) -> None:
     assert f"{utterance['start_s']:.1f}–{utterance['end_s']:.1f} s" in text
     assert "random-weight model" in text  # a random-weight test model is never shown bare
     assert tip.locator(".tip-row").count() == len(utterance["scores"])
+    assert "derived from the emotion scores" in text
 
 
 def test_errors_are_told_in_words(browser, page_server):

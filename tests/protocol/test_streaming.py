@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from engine.circumplex import project
 from tests import LABELS
 from tests.support.client import Recorder, start_streams, wait_for
 from tests.support.harness import under_eventlet
@@ -59,6 +60,10 @@ def test_a_stream_gets_ordered_results_a_summary_and_a_stored_timeline(server):
         assert r["random_weights"] is True
         assert r["latency_ms"] > 0
         assert 0 <= r["stress"]["index"] <= 100 and r["stress"]["level"]
+        derived = project(r["scores"])  # valence and arousal, projected from these scores
+        assert r["circumplex"]["derived_from"] == "emotion scores"
+        for key in ("valence", "arousal", "mapped"):
+            assert r["circumplex"][key] == pytest.approx(derived[key], abs=1e-3)
     regular = [r for r in results if r["end_s"] - r["start_s"] == pytest.approx(2.0)]
     assert all(r["start_s"] == pytest.approx(round(r["start_s"])) for r in regular[:-1])
     assert results[-1]["end_s"] <= audio.size / 16000 + 0.01
@@ -99,6 +104,9 @@ def test_each_utterance_comes_whole_in_order_before_the_summary_and_is_stored(se
         assert u["emotion"] == max(u["scores"], key=u["scores"].get)
         assert 0 <= u["stress"]["index"] <= 100 and u["stress"]["components"]
         assert u["speech_s"] == pytest.approx(u["end_s"] - u["start_s"], abs=1e-3)
+        assert u["circumplex"]["valence"] == pytest.approx(
+            project(u["scores"])["valence"], abs=1e-3
+        )
         assert 0 < u["end_s"] <= audio.size / 16000 + 0.01
     # the summary came after the last of them, and counts them
     names = [name for name, _ in client.events]

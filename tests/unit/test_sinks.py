@@ -220,6 +220,7 @@ def full_result(seq: int) -> dict:  # (labels: angry, happy)
         "speech_ratio": 1.0,
         "device": "cpu",
         "stress": {"index": 10.0 * seq, "level": "low", "confidence": 0.5},
+        "circumplex": {"valence": 0.25, "arousal": 0.5, "mapped": 1.0},
     }
 
 
@@ -276,7 +277,7 @@ def test_store_round_trip_and_csv(tmp_path):
     ]
     rows = timeline_csv(stored, "utterances").splitlines()
     assert rows[0].startswith("utterance_seq,track,start_s,end_s,emotion") and len(rows) == 4
-    assert rows[2].startswith("0,agent,4.0,6.5,happy,0.6,10.0,low,0.5,2.5,1.9,False,cpu,")
+    assert rows[2].startswith("0,agent,4.0,6.5,happy,0.6,10.0,low,0.5,2.5,1.9,False,0.25,0.5,cpu,")
     assert store.delete_session("s1") and store.get_session("s1") is None
     store.close()
     assert Store(str(tmp_path / "t.db"), runtime=ThreadRuntime()).start() == []  # migrated
