@@ -298,3 +298,47 @@ def test_a_token_holder_deletes_an_ended_session_and_the_deletion_is_logged(stri
 
 def _stored(server: ServerProcess) -> list[dict]:
     return server.get("/api/sessions?limit=1000", token=TOKEN)[1]["sessions"]
+
+
+def test_a_summary_waits_for_its_utterances_within_a_bound_and_never_hangs(
+    tiny_model_dir, tmp_path
+):
+    """The model is held for good: the session's windows time out or expire, its utterances
+    never get a turn. The summary still comes, once ``inference_timeout_s`` and then
+    ``utterance_wait_s`` have passed, and says which utterances ended unanalysed; the server
+    carries on once the model is back."""
+    from tests.support.gates import GATE_ENV, Gate
+
+    gate = Gate(tmp_path / "gate")
+    server = ServerProcess(
+        tiny_model_dir,
+        tmp_path / "server",
+        "--inference-timeout-s=2",
+        "--utterance-wait-s=2",
+        env={"VOXAFFECT_TEST_WRAP_PREDICTOR": "tests.support.gates:wrap", GATE_ENV: str(gate.dir)},
+    ).start()
+    try:
+        gate.hold()
+        client = Recorder(server.url)
+        sid = client.start()["session_id"]
+        client.stream(sid, to_pcm16(np.concatenate([speech(), silence(0.6)])), speed=4)
+        started = time.monotonic()
+        summary = client.end(sid)
+        waited = time.monotonic() - started
+        assert waited < 2 + 2 + 8  # the two bounds, and room for a slow machine
+        assert client.of("utterance_result") == []
+        said = summary["utterances"]
+        assert said["count"] == 0 and said["dropped"].get("ended", 0) >= 1
+        assert server.metric("voxaffect_utterances_total", outcome="ended") >= 1
+        client.close()
+
+        gate.release()  # the held batch finishes; its late answer finds nothing waiting
+        again = Recorder(server.url)
+        sid = again.start()["session_id"]
+        again.stream(sid, to_pcm16(np.concatenate([speech(), silence(0.6)])), speed=4)
+        summary = again.end(sid)
+        assert again.of("emotion_result") and summary["utterances"]["count"] >= 1
+        again.close()
+    finally:
+        gate.release()
+        server.stop()
