@@ -24,12 +24,16 @@ thins evenly instead of first come, first served. Turns count service, not deman
 window expired unserved keeps its place for the next turn (tie-breaking by deadline alone would
 hand every contest to the streams whose audio happens to arrive a few milliseconds earlier).
 ``utterance`` requests (a whole utterance, classified as one clip: engine/utterances.py) come
-next. One runs only when no live request waits and it cannot make a live window late: no live
-window was due over the last ``DEMAND_WINDOW_S``; or, with several lanes, the other lanes' capacity
-covers the live demand with room to spare; or its expected time, plus a batch of the live windows
-that may come due meanwhile, fits inside the live latency budget. Each runs alone (clips differ in
-length) on at most ``lanes - 1`` lanes at once (one, with one lane). So under load they wait, in
-the order they came, and are late rather than lost — up to their ``deadline`` (the submitter's
+next. They use spare capacity only: none runs while the live demand is above
+``UTTERANCE_LIVE_SHARE`` of the capacity, nor within ``DEMAND_WINDOW_S`` of a live window
+expiring (the capacity estimate is the batches' own, and the serving machine may not reach it:
+a window shed is the proof that there is no spare time). Below that, one runs only when no
+live request waits and it cannot make a live window late: no live window was due over the last
+``DEMAND_WINDOW_S``; or, with several lanes, the other lanes' capacity covers the live demand
+with room to spare; or its expected time, plus a batch of the live windows that may come due
+meanwhile, fits inside the live latency budget. Each runs alone (clips differ in length) on at
+most ``lanes - 1`` lanes at once (one, with one lane). So under load they wait, in the order they
+came, and are late rather than lost — up to their ``deadline`` (the submitter's
 limit of lateness), and up to ``UTTERANCE_KEY_MAX_S`` of audio waiting per key; beyond either, the
 oldest is dropped unanalysed (:class:`WindowExpired`, ``reason`` "late" or "backlog"), which the
 caller counts.
@@ -71,7 +75,8 @@ LIVE_QUEUE_MAX = 512  # live windows waiting at most (64 MB of 2 s windows): bey
 # overdue goes; the deadlines keep the queue far shorter than this in any real load
 UTTERANCE_KEY_MAX_S = 120.0  # utterance audio one key may have waiting; beyond, its oldest goes
 UTTERANCE_QUEUE_MAX_S = 900.0  # over every key (58 MB of float32); beyond, the oldest goes
-UTTERANCE_LIVE_SHARE = 0.7  # with several lanes: the live demand the other lanes may carry
+UTTERANCE_LIVE_SHARE = 0.7  # live demand, as a share of capacity, above which no utterance runs
+# (and, with several lanes, the share the lanes an utterance leaves free may carry)
 UTTERANCE_RECHECK_S = 0.05  # a worker with only utterances that do not fit looks again this often
 _SAMPLES_PER_S = 16_000
 
@@ -227,6 +232,7 @@ class InferenceBatcher:
         self._turns = 0  # live requests taken so far: orders keys by when they were served
         self._busy = 0  # lanes inside the model now
         self._last_done = float("-inf")  # clock time the last batch ended
+        self._shed_at = float("-inf")  # clock time a live window last expired unanalysed
         self._due: deque[float] = deque()  # submit times of live requests, last DEMAND_WINDOW_S
         self._cond = threading.Condition()
         self._closed = False
@@ -455,8 +461,12 @@ class InferenceBatcher:
         if not self._due:
             return True
         demand = len(self._due) / DEMAND_WINDOW_S
-        free_lanes = self.lanes - 1 - self._utterance_busy - max(0, self._busy - 1)
         per_window = max(self.service.per_window, 1e-6)
+        if now - self._shed_at < DEMAND_WINDOW_S:
+            return False  # live windows are being shed: there is no spare capacity
+        if demand > UTTERANCE_LIVE_SHARE * self.lanes / per_window:
+            return False  # near capacity: the live windows need every lane's time
+        free_lanes = self.lanes - 1 - self._utterance_busy - max(0, self._busy - 1)
         if free_lanes > 0 and demand <= UTTERANCE_LIVE_SHARE * free_lanes / per_window:
             return True
         tracks = min(self.max_batch, max(1, len(self._keys)))
@@ -527,6 +537,8 @@ class InferenceBatcher:
             while waiting and waiting[0].deadline < earliest:
                 out.append(waiting.popleft())
         self._live -= len(out)
+        if out:
+            self._shed_at = now
         return late + out
 
     def _pop_most_overdue(self) -> _Request:
@@ -534,6 +546,7 @@ class InferenceBatcher:
         key = min(waiting, key=lambda k: self._keys[k].waiting[0].deadline)
         request = self._keys[key].waiting.popleft()
         self._live -= 1
+        self._shed_at = self._clock()
         return request
 
     def _forget_demand(self, now: float) -> None:

@@ -662,6 +662,45 @@ def test_with_live_streams_running_an_utterance_runs_only_if_it_fits_inside_thei
     batcher.close()
 
 
+def test_near_capacity_utterances_wait_even_when_one_would_fit_the_budget():
+    """One lane at 0.1 s a window: 10 windows a second. 80 live windows came due in the last
+    10 s (8 a second, above 0.7 of that), all answered: a short utterance would fit the live
+    budget, but every lane's time is the live streams', so it waits until they go quiet."""
+    clock = Clock()
+    model = LengthModel(clock, seconds=0.05)
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.1, clock=clock
+    )
+    lives = [batcher.submit(clip(0.1, 2.0), deadline=1e6, key=f"t{i % 8}") for i in range(80)]
+    assert [outcome(f) for f in lives] == ["ok"] * 80
+    assert batcher.demand_windows_per_s() > 0.7 * batcher.capacity_windows_per_s
+    short = batcher.submit(clip(0.2, 2.0), priority="utterance", deadline=1e6, key="t0")
+    assert pending(short)
+    clock.now += batcher_module.DEMAND_WINDOW_S + 0.1
+    assert outcome(short) == "ok"
+    batcher.close()
+
+
+def test_after_a_live_window_is_shed_utterances_wait_for_the_demand_window():
+    """Demand is low and a short utterance would fit, but a live window has just expired
+    unanalysed: the machine had no spare time then, whatever the estimate says."""
+    clock = Clock()
+    model = LengthModel(clock, seconds=0.05)
+    batcher = InferenceBatcher(
+        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.1, clock=clock
+    )
+    assert outcome(batcher.submit(clip(0.1, 2.0), deadline=clock.now + 1.5, key="a")) == "ok"
+    shed = batcher.submit(clip(0.9, 2.0), deadline=clock.now + 0.01, key="a")  # 0.1 s to run
+    assert outcome(shed) == "expired"
+    assert outcome(batcher.submit(clip(0.2, 2.0), deadline=clock.now + 1.5, key="a")) == "ok"
+    short = batcher.submit(clip(0.3, 2.0), priority="utterance", deadline=1e6, key="a")
+    assert pending(short)  # 0.1 s plus a live window: it would fit the 1.5 s budget
+    clock.now += batcher_module.DEMAND_WINDOW_S + 0.1
+    assert outcome(short) == "ok"
+    assert model.batches == [[0.1], [0.2], [0.3]]
+    batcher.close()
+
+
 def test_an_utterance_that_runs_never_makes_a_live_window_that_arrives_meanwhile_late():
     """Every batch ends with a live window that arrived as the batch began (the worst case for
     it); utterances of 6 s (0.6 s), 12 s (1.2 s: with a window after it, more than the 1.5 s
