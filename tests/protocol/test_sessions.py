@@ -336,6 +336,8 @@ def test_a_summary_waits_for_its_utterances_within_a_bound_and_never_hangs(
         again = Recorder(server.url)
         sid = again.start()["session_id"]
         again.stream(sid, to_pcm16(np.concatenate([speech(), silence(0.6)])), speed=4)
+        # utterances wait out DEMAND_WINDOW_S after the shed windows above, then run
+        wait_for(lambda: again.of("utterance_result"), 60, "an utterance of the new session")
         summary = again.end(sid)
         assert again.of("emotion_result") and summary["utterances"]["count"] >= 1
         again.close()
