@@ -51,14 +51,38 @@ function fmt(x, digits = 1) {
   return Number.isFinite(x) ? x.toFixed(digits) : "–";
 }
 
-// --- emotion heat strip: one column per window, one row per emotion ----------------------------
-
-class HeatStrip {
+// A canvas redrawn at most once per animation frame, at the screen's pixel density.
+class CanvasView {
   constructor(canvas) {
     this.canvas = canvas;
-    this.columns = [];
     this.pending = false;
     new ResizeObserver(() => this.schedule()).observe(canvas);
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => { this.pending = false; this.draw(); });
+  }
+
+  blank() {  // sized to the element, cleared; drawing in CSS pixels
+    const c = this.canvas;
+    const dpr = window.devicePixelRatio || 1;
+    const w = c.clientWidth, h = c.clientHeight;
+    if (c.width !== w * dpr || c.height !== h * dpr) { c.width = w * dpr; c.height = h * dpr; }
+    const g = c.getContext("2d");
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    g.clearRect(0, 0, w, h);
+    return { g, w, h };
+  }
+}
+
+// --- emotion heat strip: one column per window, one row per emotion ----------------------------
+
+class HeatStrip extends CanvasView {
+  constructor(canvas) {
+    super(canvas);
+    this.columns = [];
   }
 
   clear() { this.columns = []; this.schedule(); }
@@ -71,20 +95,8 @@ class HeatStrip {
 
   setAll(results) { this.columns = results.slice(-MAX_POINTS).map(r => r.scores); this.schedule(); }
 
-  schedule() {
-    if (this.pending) return;
-    this.pending = true;
-    requestAnimationFrame(() => { this.pending = false; this.draw(); });
-  }
-
   draw() {
-    const c = this.canvas;
-    const dpr = window.devicePixelRatio || 1;
-    const w = c.clientWidth, h = c.clientHeight;
-    if (c.width !== w * dpr || c.height !== h * dpr) { c.width = w * dpr; c.height = h * dpr; }
-    const g = c.getContext("2d");
-    g.setTransform(dpr, 0, 0, dpr, 0, 0);
-    g.clearRect(0, 0, w, h);
+    const { g, w, h } = this.blank();
     const labelW = 78, rowH = h / EMOTIONS.length;
     g.font = "12px system-ui, sans-serif";
     g.textBaseline = "middle";
@@ -112,15 +124,13 @@ class HeatStrip {
 const MAX_UTTERANCES = 1000;
 const UTTERANCE_SPAN_S = 600; // the last ten minutes on screen, as the charts keep
 
-class UtteranceBands {
+class UtteranceBands extends CanvasView {
   constructor(canvas, tip) {
-    this.canvas = canvas;
+    super(canvas);
     this.tip = tip;
     this.items = [];
     this.until = 0; // audio time shown up to: the latest result's end
-    this.pending = false;
     this.drawn = []; // [x0, x1, y0, y1, utterance] of the last draw, for hovering
-    new ResizeObserver(() => this.schedule()).observe(canvas);
     canvas.addEventListener("mousemove", e => this.hover(e));
     canvas.addEventListener("mouseleave", () => { this.tip.hidden = true; });
   }
@@ -147,20 +157,8 @@ class UtteranceBands {
     return [...new Set(this.items.map(u => u.track || "speaker"))].sort();
   }
 
-  schedule() {
-    if (this.pending) return;
-    this.pending = true;
-    requestAnimationFrame(() => { this.pending = false; this.draw(); });
-  }
-
   draw() {
-    const c = this.canvas;
-    const dpr = window.devicePixelRatio || 1;
-    const w = c.clientWidth, h = c.clientHeight;
-    if (c.width !== w * dpr || c.height !== h * dpr) { c.width = w * dpr; c.height = h * dpr; }
-    const g = c.getContext("2d");
-    g.setTransform(dpr, 0, 0, dpr, 0, 0);
-    g.clearRect(0, 0, w, h);
+    const { g, w, h } = this.blank();
     const lanes = this.lanes();
     const labelW = 78, axisH = 16;
     const laneH = (h - axisH) / Math.max(1, lanes.length);

@@ -19,9 +19,9 @@ export interface Circumplex {
   derived_from: "emotion scores";
 }
 
-export interface Result {
+/** What a window's result and an utterance's share. */
+export interface Classified {
   session_id: string;
-  seq: number; // rises by one per session
   start_s: number;
   end_s: number;
   emotion: Emotion;
@@ -29,35 +29,29 @@ export interface Result {
   scores: Record<Emotion, number>;
   circumplex: Circumplex;
   stress: Stress;
-  speech_ratio: number;
   device: string;
+  random_weights?: boolean; // true: NOT emotions, a random-weight test model
+  track?: string;
+}
+
+export interface Result extends Classified {
+  seq: number; // rises by one per session
+  speech_ratio: number;
   latency_ms: number;
   hop_s: number | null;
   expired: number; // windows of this track dropped unanalysed since the previous result
-  random_weights?: boolean; // true: NOT emotions, a random-weight test model
   narrowband?: boolean;
   fallback_reason?: string;
-  track?: string;
   embedding?: number[];
 }
 
-/** One utterance (speech between pauses), classified once as a whole clip; in order per track. */
-export interface Utterance {
-  session_id: string;
+/** One utterance (speech between pauses), classified once as a whole clip; in order per track.
+ * Its stress is over the whole utterance, against the same speaker baseline as the windows. */
+export interface Utterance extends Classified {
   utterance_seq: number; // counts a track's utterances from 0
-  start_s: number;
-  end_s: number;
-  emotion: Emotion;
-  confidence: number;
-  scores: Record<Emotion, number>;
-  circumplex: Circumplex;
-  stress: Stress; // over the whole utterance, against the same speaker baseline
   speech_s: number;
   voiced_s: number;
   split: boolean; // cut at max_utterance_s: the speaker had not paused
-  device: string;
-  random_weights?: boolean; // true: NOT emotions, a random-weight test model
-  track?: string;
 }
 
 export interface Vad {

@@ -155,39 +155,34 @@ def session_state(session: Session) -> dict[str, Any]:
     }
 
 
+_CLASSIFIED_COLUMNS = (  # what a window's and an utterance's rows share, after their number
+    ("track", lambda r: r.get("track", "")),
+    ("start_s", lambda r: r["start_s"]),
+    ("end_s", lambda r: r["end_s"]),
+    ("emotion", lambda r: r["emotion"]),
+    ("confidence", lambda r: r["confidence"]),
+    ("stress_index", lambda r: r["stress"]["index"]),
+    ("stress_level", lambda r: r["stress"]["level"]),
+    ("stress_confidence", lambda r: r["stress"]["confidence"]),
+)
+_TAIL_COLUMNS = (
+    ("valence_derived", lambda r: r.get("circumplex", {}).get("valence")),
+    ("arousal_derived", lambda r: r.get("circumplex", {}).get("arousal")),
+    ("device", lambda r: r["device"]),
+)
 CSV_COLUMNS = (
     ("seq", lambda f: f.get("seq")),
-    ("track", lambda f: f.get("track", "")),
-    ("start_s", lambda f: f["start_s"]),
-    ("end_s", lambda f: f["end_s"]),
-    ("emotion", lambda f: f["emotion"]),
-    ("confidence", lambda f: f["confidence"]),
-    ("stress_index", lambda f: f["stress"]["index"]),
-    ("stress_level", lambda f: f["stress"]["level"]),
-    ("stress_confidence", lambda f: f["stress"]["confidence"]),
+    *_CLASSIFIED_COLUMNS,
     ("speech_ratio", lambda f: f["speech_ratio"]),
-    ("valence_derived", lambda f: f.get("circumplex", {}).get("valence")),
-    ("arousal_derived", lambda f: f.get("circumplex", {}).get("arousal")),
-    ("device", lambda f: f["device"]),
+    *_TAIL_COLUMNS,
 )
-
-
 UTTERANCE_CSV_COLUMNS = (
     ("utterance_seq", lambda u: u["utterance_seq"]),
-    ("track", lambda u: u.get("track", "")),
-    ("start_s", lambda u: u["start_s"]),
-    ("end_s", lambda u: u["end_s"]),
-    ("emotion", lambda u: u["emotion"]),
-    ("confidence", lambda u: u["confidence"]),
-    ("stress_index", lambda u: u["stress"]["index"]),
-    ("stress_level", lambda u: u["stress"]["level"]),
-    ("stress_confidence", lambda u: u["stress"]["confidence"]),
+    *_CLASSIFIED_COLUMNS,
     ("speech_s", lambda u: u["speech_s"]),
     ("voiced_s", lambda u: u["voiced_s"]),
     ("split", lambda u: u["split"]),
-    ("valence_derived", lambda u: u.get("circumplex", {}).get("valence")),
-    ("arousal_derived", lambda u: u.get("circumplex", {}).get("arousal")),
-    ("device", lambda u: u["device"]),
+    *_TAIL_COLUMNS,
 )
 
 

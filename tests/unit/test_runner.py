@@ -4,6 +4,7 @@ publisher that records every event. Nothing here depends on how fast this machin
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ def runner_for(
     runtime: ThreadRuntime | None = None,
     utterances: bool = False,
     forget=None,
+    clock=time.monotonic,
 ) -> tuple[SessionRunner, Recorder]:
     recorder = Recorder()
     fmt = AudioFormat()
@@ -54,6 +56,7 @@ def runner_for(
         inbox_max_bytes=inbox_max_bytes,
         feed_max_bytes=1 << 20,
         forget=forget,
+        clock=clock,
     )
     threading.Thread(target=runner.run, daemon=True).start()
     return runner, recorder
@@ -321,25 +324,13 @@ def test_the_summary_waits_for_the_last_utterances_within_a_bound_then_drops_the
 
 def test_an_utterance_carries_the_late_limit_as_its_deadline_and_a_file_s_are_bulk():
     now = [50.0]
-    analyse = FakeAnalyse()
-    fmt = AudioFormat()
     for policy, priority, deadline in (
         (WindowPolicy(utterance_delay_s=20.0), "utterance", 70.0),
         (FILE, "bulk", None),
     ):
         analyse = FakeAnalyse()
-        track = Track(None, StreamPipeline(PipelineConfig(utterances=True), fmt, labels=LABELS))
-        recorder = Recorder()
-        runner = SessionRunner(
-            Session(id="s1", source="socketio", format=fmt),
-            {None: track},
-            analyse=analyse,
-            publish=recorder,
-            runtime=ThreadRuntime(),
-            policy=policy,
-            clock=lambda: now[0],
-        )
-        threading.Thread(target=runner.run, daemon=True).start()
+        runner, recorder = runner_for(analyse, policy=policy, utterances=True, clock=lambda: now[0])
+        track = runner.tracks[None]
         runner.push(None, to_pcm16(two_utterances()))
         runner.end("done")
         recorder.ended()
