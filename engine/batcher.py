@@ -183,9 +183,12 @@ class ServiceTime:
         return self.per_window * size
 
     def observe(self, size: int, seconds: float) -> None:
-        """A batch's time. One under half the expected starts the record afresh: the slow
-        spell is over (a probe after it, say), and windows should not keep expiring for it."""
-        if seconds < 0.5 * self.expected(size):
+        """A batch's time. One under half the expected, or half its size's record so far (too
+        short yet to be what is expected), starts the record afresh: the slow spell is over (a
+        probe after it, say), and windows should not keep expiring for it."""
+        seen = self._by_size.get(size)
+        record = statistics.median(seen) if seen else 0.0
+        if seconds < 0.5 * max(self.expected(size), record):
             self._per_window.clear()
             self._by_size.clear()
         self._by_size.setdefault(size, deque(maxlen=SERVICE_SAMPLES)).append(seconds)

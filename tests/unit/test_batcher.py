@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import batcher as batcher_module
-from engine.batcher import BatcherClosed, InferenceBatcher, WindowExpired
+from engine.batcher import BatcherClosed, InferenceBatcher, ServiceTime, WindowExpired
 from engine.fallback import CircuitBreaker, FallbackPredictor
 from engine.lanes import Lane
 from engine.model import Prediction
@@ -439,6 +439,22 @@ def test_after_a_stall_the_model_is_tried_again_rather_than_every_window_expirin
     assert outcomes == ["expired"] + ["ok"] * 9
     assert batcher.service.expected(1) == pytest.approx(0.1)
     batcher.close()
+
+
+def test_a_short_stall_does_not_outlive_the_first_fast_batch_after_it():
+    """Two stalled batches of one (each lane held one, say) are too few to be what a batch of
+    one is expected to take; but with one more, fast, they would be the median of three, and
+    every later window would expire. The fast one starts the record afresh instead."""
+    service = ServiceTime(0.1)
+    service.observe(1, 3.0)
+    service.observe(1, 3.0)
+    assert service.expected(1) == pytest.approx(0.1)  # two of nine: the median is unmoved
+    service.observe(1, 0.1)
+    assert service.expected(1) == pytest.approx(0.1)
+    for _ in range(5):  # and an ordinary spread of times does not reset anything
+        service.observe(1, 0.08)
+        service.observe(1, 0.12)
+    assert service.expected(1) == pytest.approx(0.1, rel=0.25)
 
 
 def test_a_start_callback_runs_when_a_worker_takes_the_window_and_never_for_an_expired_one():
