@@ -5,7 +5,8 @@ passes it to everything that runs work. From then on ``threading`` and ``queue``
 cooperate on the event loop (the hub), so code written against the standard library — the engine's
 batcher, the session runners — works unchanged. What must not run on the hub goes through the
 runtime: ``offload`` runs a blocking call (decoding, VAD, the model) on a native thread and waits
-for it cooperatively; Praat, which holds the GIL, runs in worker processes (prosody_pool.py).
+for it cooperatively; openSMILE runs in worker processes, which can be killed if it hangs
+(prosody_pool.py).
 
 Tests and scripts that do not patch use a :class:`ThreadRuntime`: plain threads and plain calls.
 Nothing in the server detects which one it has; it uses what it is given.

@@ -106,7 +106,7 @@ class Service:
         )
         self.prosody: ProsodyPool | InProcessProsody = (
             ProsodyPool(runtime, settings.prosody_workers, settings.prosody_timeout_s)
-            if isinstance(runtime, EventletRuntime)  # Praat holds the GIL: other processes
+            if isinstance(runtime, EventletRuntime)  # openSMILE, killable in a process
             else InProcessProsody(runtime)
         )
         self.analyser = WindowAnalyser(

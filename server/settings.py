@@ -163,7 +163,7 @@ class Settings:
         default=30.0, metadata={"help": "a window not answered in this long is INFERENCE_TIMEOUT"}
     )
     prosody_workers: int = field(
-        default=1, metadata={"help": "processes measuring prosody (Praat holds the GIL)"}
+        default=1, metadata={"help": "processes measuring prosody (openSMILE, killable)"}
     )
     prosody_timeout_s: float = field(
         default=5.0,

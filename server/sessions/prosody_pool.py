@@ -50,7 +50,7 @@ def _frame(obj: Any) -> bytes:
 
 
 class _WorkerFailed(Exception):
-    """The worker answered, with an error from Praat: the worker itself is fine."""
+    """The worker answered, with an error from openSMILE: the worker itself is fine."""
 
 
 class _Worker:

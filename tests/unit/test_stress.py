@@ -68,6 +68,29 @@ def test_espeak_prosody_moves_with_pitch_speed_and_loudness():
     assert stressed.peaks_per_s > calm.peaks_per_s
 
 
+def test_the_reused_opensmile_instance_gives_what_a_new_one_gives():
+    """measure() keeps one openSMILE instance per thread and resets it between calls; every
+    functional must equal what opensmile's own process_signal (a new instance) returns. (Out of
+    range samples are clipped first; process_signal wraps them around in int16.)"""
+    import opensmile
+
+    from engine.prosody import _extractor
+
+    smile = opensmile.Smile(
+        feature_set=opensmile.FeatureSet.eGeMAPSv02,
+        feature_level=opensmile.FeatureLevel.Functionals,
+    )
+    loud = speech(**STRESSED)
+    assert np.abs(loud).max() > 1.0  # resampling overshoots a full-scale voice
+    voices = [speech(**CALM), loud, silence(1.0), speech(**CALM)[:3000]]
+    extractor = _extractor()
+    for signal in voices + voices[::-1]:  # each after a different predecessor
+        expected = smile.process_signal(np.clip(signal, -1.0, 32767 / 32768), 16000).iloc[0]
+        got = extractor(signal)
+        assert list(expected.index) == list(extractor.columns)
+        np.testing.assert_array_equal(got, expected.to_numpy(dtype=np.float64))
+
+
 def test_silence_and_noise_have_no_prosody():
     assert not measure(silence(2.0)).measured
     p = measure(silence(2.0))
