@@ -184,7 +184,9 @@ def create_app(settings: Settings, service: Service, runtime: ThreadRuntime) -> 
         clock=service.clock,
     )
     socketio.on_namespace(namespace)
-    MessageLimiter(socketio.server, settings.max_messages_per_s, metrics, service.clock).install()
+    MessageLimiter(
+        socketio.server, settings.max_messages_per_s, metrics, service.clock, runtime.sleep
+    ).install()
     calls = TelephonyEdge(
         settings,
         factory=factory,
