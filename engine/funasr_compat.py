@@ -7,13 +7,22 @@ FunASR's own ``AutoModel`` with ``model_conf`` given, which builds the architect
 FunASR's registry but skips its hub lookup and its weight loading: FunASR loads weights with a
 plain ``torch.load`` (refused for pickles by torch >= 2.6) and, when model.pt is missing, leaves
 random weights in place without an error. The caller loads the weights itself (``model.py``).
+
+``import funasr`` also imports every module FunASR has — all its models and what they need
+(scikit-learn, transformers, pandas, torch.distributed ...): 6 s of CPU and most of a 12 s server
+start here. Building emotion2vec needs its registry, ``AutoModel`` and the classes config.yaml
+names, so ``import_for`` imports those alone (2 s) and completes the package's own import only
+when config.yaml names a class they did not register.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +48,54 @@ def quiet_funasr() -> Iterator[None]:
         root.setLevel(level)
 
 
+# (config.yaml key, its value) -> the module that registers that class
+REGISTERING_MODULES = {
+    ("model", "Emotion2vec"): "funasr.models.emotion2vec.model",
+    ("tokenizer", "CharTokenizer"): "funasr.tokenizer.char_tokenizer",
+}
+# config.yaml key -> the registry table AutoModel looks its value up in
+CONFIG_TABLES = {
+    "model": "model_classes",
+    "tokenizer": "tokenizer_classes",
+    "frontend": "frontend_classes",
+}
+_PARTIAL = "_imported_in_part"  # set on the funasr package while its __init__ has not run
+
+
 def import_funasr() -> None:
+    """FunASR as its users import it: the package's ``__init__``, which imports every module."""
     with quiet_funasr():
+        package = sys.modules.get("funasr")
+        if package is not None and getattr(package, _PARTIAL, False):
+            package.__spec__.loader.exec_module(package)  # type: ignore[union-attr]
+            setattr(package, _PARTIAL, False)
         import funasr
         import funasr.models.emotion2vec.model  # noqa: F401  (registers Emotion2vec)
+
+
+def import_for(config: dict[str, Any]) -> None:
+    """What ``AutoModel`` needs to build ``config``: FunASR's package without its ``__init__``
+    (which would import every module), the modules that register the classes ``config``
+    names, and ``AutoModel``'s own module. A class they do not register: the full import."""
+    with quiet_funasr():
+        if "funasr" not in sys.modules:
+            spec = importlib.util.find_spec("funasr")
+            if spec is None or spec.loader is None or not spec.submodule_search_locations:
+                raise ModuleNotFoundError("FunASR is not installed", name="funasr")
+            package = importlib.util.module_from_spec(spec)
+            version = Path(spec.submodule_search_locations[0]) / "version.txt"
+            package.__version__ = version.read_text().strip()  # type: ignore[attr-defined]
+            setattr(package, _PARTIAL, True)
+            sys.modules["funasr"] = package
+        from funasr.register import tables
+
+        for (key, name), module in REGISTERING_MODULES.items():
+            if config.get(key) == name:
+                importlib.import_module(module)
+        importlib.import_module("funasr.auto.auto_model")
+    named = [(t, config[k]) for k, t in CONFIG_TABLES.items() if config.get(k)]
+    if any(getattr(tables, t).get(name) is None for t, name in named):
+        import_funasr()
 
 
 def english_label(token: str) -> str:
@@ -54,7 +107,7 @@ def english_label(token: str) -> str:
 
 def emotion2vec_class() -> Any:
     """FunASR's registered Emotion2vec module class."""
-    import_funasr()
+    import_for({"model": "Emotion2vec"})
     from funasr.register import tables
 
     return tables.model_classes.get("Emotion2vec")
@@ -62,10 +115,10 @@ def emotion2vec_class() -> Any:
 
 def build_module(directory: Path, *, device: str, threads: int) -> tuple[Any, list[str]]:
     """The untrained architecture config.yaml describes, built by FunASR, and its tokens."""
-    import_funasr()
-    from funasr import AutoModel
-
     config = yaml.safe_load((directory / "config.yaml").read_text())
+    import_for(config)
+    from funasr.auto.auto_model import AutoModel
+
     tokenizer_conf = dict(config.get("tokenizer_conf") or {})
     tokenizer_conf["token_list"] = str(directory / "tokens.txt")
     with quiet_funasr():
