@@ -263,11 +263,14 @@ def test_a_crash_loses_no_result_a_client_has_seen(tiny_model_dir, tmp_path):
             seq for (seq,) in conn.execute("SELECT seq FROM results WHERE session_id = ?", (sid,))
         }
     assert seen and seen <= stored
+    # the next process on the same store closes the session it left open, as interrupted
     proc2 = ServerProcess(tiny_model_dir, tmp_path / "crash", db=proc.db, port=proc.port).start()
     status, timeline = proc2.get(f"/api/sessions/{sid}")
+    proc2.stop()
     assert status == 200 and {f["seq"] for f in timeline["frames"]} == stored
     assert timeline["summary"]["reason"] == "interrupted"
-    proc2.stop()
+    assert timeline["summary"]["results"] == len(timeline["frames"])
+    assert timeline["ended_at"] is not None
 
 
 def test_a_token_holder_deletes_an_ended_session_and_the_deletion_is_logged(strict_server):

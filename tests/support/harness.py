@@ -100,7 +100,9 @@ class ServerProcess:
         self.env = {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
-            "VOXAFFECT_TUNING_CACHE": str(workdir / "tuning.json"),  # never the user's own
+            # never the user's own; one per test checkpoint, so only a worker's first server
+            # measures (2-4 s and a core's load, under a full run, for every other start)
+            "VOXAFFECT_TUNING_CACHE": str(model_dir.parent / "tuning.json"),
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
