@@ -25,18 +25,11 @@ import numpy as np
 from engine.batcher import InferenceBatcher, WindowExpired
 from engine.model import WindowAnswer
 from engine.prosody import Prosody
+from server.sessions.prosody_pool import ProsodyUnavailable
 
 log = logging.getLogger(__name__)
 
 Measure = Callable[[np.ndarray, bool], Prosody]
-
-
-class ProsodyUnavailable(Exception):
-    """Prosody could not be measured for a window; ``reason``: timeout, died or error."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 class AnalysisError(Exception):

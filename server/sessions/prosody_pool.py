@@ -25,12 +25,21 @@ import numpy as np
 
 from engine.prosody import Prosody, measure
 from server.runtime import EventletRuntime
-from server.sessions.analysis import ProsodyUnavailable
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<I")
 _STARTUP_S = 120.0  # a new worker's interpreter start and openSMILE's first call
 _VOICED = (0.1 * np.sin(2 * np.pi * 150 * np.arange(16000) / 16000)).astype(np.float32)
+
+
+# here, not beside the analyser that catches it: a worker imports this module, and the
+# analyser's imports (the batcher, torch) would cost each worker 1.8 s and its memory
+class ProsodyUnavailable(Exception):
+    """Prosody could not be measured for a window; ``reason``: timeout, died or error."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 def _read(stream: Any) -> Any:

@@ -14,8 +14,9 @@ from engine.batcher import InferenceBatcher, WindowExpired
 from engine.model import Prediction
 from engine.pipeline import PipelineConfig, StreamPipeline
 from server.runtime import ThreadRuntime
-from server.sessions.analysis import AnalysisError, ProsodyUnavailable, WindowAnalyser
+from server.sessions.analysis import AnalysisError, WindowAnalyser
 from server.sessions.events import Ended, Error, Result, Skipped, UtteranceDone, VadChange
+from server.sessions.prosody_pool import ProsodyUnavailable
 from server.sessions.runner import (
     FILE,
     LIVE,
