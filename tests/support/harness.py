@@ -56,11 +56,21 @@ _PORTS = _port_slice()
 _next_port = _PORTS.start + os.getpid() % len(_PORTS)  # runs one after another start apart
 
 
+# ports Chromium refuses to open (ERR_UNSAFE_PORT; net/base/port_util.cc), above 1024: a page
+# test given 10080 failed
+BROWSER_UNSAFE_PORTS = frozenset(
+    {1719, 1720, 1723, 2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566, 6679, 6697, 10080}
+    | set(range(6665, 6670))
+)
+
+
 def free_port() -> int:
-    """A port nobody is bound to, never handed out twice by this process."""
+    """A port nobody is bound to, never handed out twice by this process, that a browser opens."""
     global _next_port
     for _ in range(len(_PORTS)):
         port, _next_port = _next_port, _PORTS.start + (_next_port + 1 - _PORTS.start) % len(_PORTS)
+        if port in BROWSER_UNSAFE_PORTS:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
