@@ -59,20 +59,23 @@ def test_twilio_call_is_analysed_customer_only_by_default_in_chunk_order(server)
 
 
 def test_narrowband_lowers_the_stress_confidence(server):
-    # Both in real time, as calls: confidence grows with the windows the baseline learned, and
-    # faster than real time a busy CPU supersedes windows, in one stream more than in the other.
+    # Both in real time, as calls, side by side: confidence grows with the windows the baseline
+    # learned, and faster than real time a busy CPU supersedes windows, in one stream more than
+    # in the other.
     customer, _ = party_audio()
-    replay(
-        ws_url(server, "/telephony/twilio"),
-        twilio_messages("CAnarrow", {"inbound": mulaw(at_8k(customer))}),
-        pace_s=0.02,
+    call_audio = twilio_messages("CAnarrow", {"inbound": mulaw(at_8k(customer))})
+    narrowband = threading.Thread(
+        target=replay,
+        args=(ws_url(server, "/telephony/twilio"), call_audio),
+        kwargs={"pace_s": 0.02},
     )
-    call = stored_call(server, "CAnarrow")
+    narrowband.start()
     client = Recorder(server.url)
     sid = client.start()["session_id"]
-    pcm = l16(customer)
-    client.stream(sid, pcm, speed=1)
+    client.stream(sid, l16(customer), speed=1)
     client.end(sid)
+    narrowband.join(60)
+    call = stored_call(server, "CAnarrow")
     wide = client.of("emotion_result")
     client.close()
     narrow_conf = max(f["stress"]["confidence"] for f in call["frames"])
