@@ -51,7 +51,7 @@ def hostile(
 
 @pytest.fixture(scope="session")
 def healthy_audio() -> bytes:
-    """About 9 s of speech with pauses, sent at twice real time by the healthy stream."""
+    """About 9 s of speech with pauses, sent at three times real time by the healthy stream."""
     return to_pcm16(
         np.concatenate([silence(0.3), speech(), silence(0.5), speech(pitch=60)[:32000]])
     )
@@ -76,7 +76,8 @@ def reference(hostile, healthy_audio) -> list[tuple[float, float]]:
 
 
 class Healthy:
-    """A healthy client streaming in real time, and a /healthz poller, while a test attacks."""
+    """A healthy client streaming at three times real time (within the default rate allowance
+    of four; 3 s of the attack), and a /healthz poller, while a test attacks."""
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class Healthy:
         ]
 
     def _stream(self) -> None:
-        self.outcome = stream_once(self.server.url, self.pcm, speed=2.0, token=self.token)
+        self.outcome = stream_once(self.server.url, self.pcm, speed=3.0, token=self.token)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
