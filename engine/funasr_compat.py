@@ -87,12 +87,15 @@ def import_for(config: dict[str, Any]) -> None:
             package.__version__ = version.read_text().strip()  # type: ignore[attr-defined]
             setattr(package, _PARTIAL, True)
             sys.modules["funasr"] = package
-        from funasr.register import tables
+        try:
+            for (key, name), module in REGISTERING_MODULES.items():
+                if config.get(key) == name:
+                    importlib.import_module(module)
+            importlib.import_module("funasr.auto.auto_model")
+        except ImportError:  # a FunASR laid out otherwise: as its users import it
+            import_funasr()
+    from funasr.register import tables
 
-        for (key, name), module in REGISTERING_MODULES.items():
-            if config.get(key) == name:
-                importlib.import_module(module)
-        importlib.import_module("funasr.auto.auto_model")
     named = [(t, config[k]) for k, t in CONFIG_TABLES.items() if config.get(k)]
     if any(getattr(tables, t).get(name) is None for t, name in named):
         import_funasr()
