@@ -43,13 +43,13 @@ lint: setup
 	$(BIN)/ruff format --check engine server client tests bench
 	$(BIN)/mypy
 
-# three workers on two cores: most tests wait on real-time streams and server processes (two
-# workers kept the CPU 57 % busy); measured in one fresh-clone run each: pytest 757 s with two,
-# 659 s with three, every test passing. Most of the CPU a run takes is server starts (29 of
-# them): FunASR imported in part, one tuning per worker and torch-free prosody workers took a
-# run from 939 to 635 CPU seconds and pytest from 548 to 393 s (one run each, 2-core AMD EPYC)
-test: system setup node lint  ## every tier but the image install check, three workers (a file stays on one)
-	$(BIN)/python -m pytest -m "not image" -n 3 --dist loadfile --durations=10 $(PYTEST_ARGS)
+# four workers on two cores: most tests wait on real-time streams and server processes. One run
+# each on a 2-core AMD EPYC: pytest 393-425 s with three workers, 364 s with four; beside
+# `stress-ng --cpu 1` (a slower machine) 493 s with three, 469 s with four; every test passing.
+# Most of a run's CPU is server starts (29 of them): FunASR imported in part, one tuning per
+# worker and torch-free prosody workers took a run from 939 to 635 CPU seconds
+test: system setup node lint  ## every tier but the image install check, four workers (a file stays on one)
+	$(BIN)/python -m pytest -m "not image" -n 4 --dist loadfile --durations=10 $(PYTEST_ARGS)
 
 test-image: setup  ## the Dockerfile's install steps in a fresh venv (2 min; CI: when they change)
 	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)

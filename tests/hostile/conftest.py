@@ -27,7 +27,7 @@ STALL_FACTOR = 10.0
 # The replayed defects stalled the hub for a second and more (1.26 s for the tiny-chunk flood,
 # seconds for the others; the flood, cut, still held the hub 0.3-0.5 s on a loaded machine and
 # 1.08 s on a slower CI one until each message yielded the hub first: now 20-60 ms). The other
-# xdist worker's load alone has taken /healthz to 418 and 622 ms during a full run (a quiet
+# xdist workers' load alone has taken /healthz to 418 and 622 ms during a full run (a quiet
 # reference cannot see it coming), so the least that counts as a stall, however quiet the
 # reference was, is one second.
 STALL_FLOOR_MS = 1000.0
