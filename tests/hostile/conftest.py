@@ -76,8 +76,8 @@ def reference(hostile, healthy_audio) -> list[tuple[float, float]]:
 
 
 class Healthy:
-    """A healthy client streaming at three times real time (within the default rate allowance
-    of four; 3 s of the attack), and a /healthz poller, while a test attacks."""
+    """A healthy client streaming at three times real time (about 3 s; the default rate
+    allowance is four times), and a /healthz poller, while a test attacks."""
 
     def __init__(
         self,
