@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +31,8 @@ def espeak_wav(
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"espeak-{key}.wav"
     if not path.exists():
-        tmp = path.with_suffix(".tmp.wav")
+        # one name per process: pytest-xdist workers make the same file at once on a new machine
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.wav")
         subprocess.run(
             [
                 "espeak-ng",
@@ -46,7 +48,7 @@ def espeak_wav(
             ],
             check=True,
         )
-        tmp.rename(path)
+        tmp.replace(path)  # atomic: a reader sees the whole file or none
     return path
 
 
