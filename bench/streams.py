@@ -66,6 +66,8 @@ def speech_pcm(seconds: float) -> bytes:
     """Continuous espeak-ng speech as PCM16 (kept for bench.soak)."""
     from bench.engine import speech_windows
 
+    if shutil.which("espeak-ng") is None:  # bench.engine's noise stand-in is no speech to a VAD
+        raise SystemExit("bench.streams needs espeak-ng for its speech: run `make system`")
     windows = speech_windows(int(seconds))  # 2 s windows, 1 s apart: their first halves tile
     audio = np.concatenate([w[:SAMPLE_RATE] for w in windows])
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
