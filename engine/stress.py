@@ -369,15 +369,19 @@ class StressScorer:
             raw_index=round(raw, 1),
             prosodic_index=round(float(np.clip(prosodic, 0.0, 100.0)), 1),
             level=level_of(index),
-            confidence=self._confidence(prosody, speech_ratio, measured),
+            confidence=self._confidence(prosody, speech_ratio, measured, compared_with),
             calibrating=self.calibrating,
             base=round(m.offset + m.scale * m.intercept, 1),
             components=components,
             baseline={"windows": compared_with, "voice": voice},
         )
 
-    def _confidence(self, prosody: Prosody, speech_ratio: float, measured: bool) -> float:
-        n = self.baseline.windows
+    def _confidence(
+        self, prosody: Prosody, speech_ratio: float, measured: bool, compared_with: int
+    ) -> float:
+        """How far to trust this window's index: the baseline it was scored against (not the
+        one it then joined), its speech and voicing, the channel."""
+        n = compared_with
         baseline_part = n / (n + PRIOR_WINDOWS)
         speech_part = min(1.0, speech_ratio / 0.6) * min(1.0, prosody.voiced_fraction / 0.3)
         confidence = (0.3 + 0.7 * baseline_part) * (0.5 + 0.5 * speech_part)

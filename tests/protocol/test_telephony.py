@@ -78,9 +78,20 @@ def test_narrowband_lowers_the_stress_confidence(server):
     call = stored_call(server, "CAnarrow")
     wide = client.of("emotion_result")
     client.close()
-    narrow_conf = max(f["stress"]["confidence"] for f in call["frames"])
-    wide_conf = max(r["stress"]["confidence"] for r in wide)
-    assert narrow_conf <= 0.75 * wide_conf + 0.01
+    # compared at the same baseline size: how many windows each baseline learned depends on
+    # how each window scored, and the two channels score a little differently
+    def best(frames: list[dict]) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for f in frames:
+            n = f["stress"]["baseline"]["windows"]
+            out[n] = max(out.get(n, 0.0), f["stress"]["confidence"])
+        return out
+
+    narrow, wideband = best(call["frames"]), best(wide)
+    both = sorted(set(narrow) & set(wideband))
+    assert both, (sorted(narrow), sorted(wideband))
+    for n in both:
+        assert narrow[n] <= 0.75 * wideband[n] + 0.01, n
 
 
 def test_both_parties_go_to_the_call_room_store_and_metrics_when_agent_analysis_is_on(
