@@ -12,6 +12,9 @@ arousal from its own calm reference.
    and Polish speech, leave-one-speaker-out; the numbers are in stress_model.json) weighs the
    z-scores. Their sum
    with its intercept is the prosodic log-odds that the voice is in a high-arousal state.
+   Loudness counts either way (``either_way``: its weight is on |z| beyond the ordinary, see
+   ``StressModel.departure``): vocal effort that leaves the speaker's own, raised as in anger or
+   held back as in much acted fear, both mark strain.
 3. Valence, so that joy is not read as stress, where the voice allows it:
    - prosodic valence: a second regression on the same z-scores (fitted on angry+fearful against
      happy, bench/stress.py) gives log-odds of strain over joy; the index takes
@@ -57,6 +60,9 @@ EMOTION_REFERENCE = 0.1  # high-arousal negative mass assumed for calm speech be
 JOY_REFERENCE = 0.1  # and joy mass
 NARROWBAND_CONFIDENCE = 0.75
 NO_PROSODY_CONFIDENCE = 0.5
+# The mean |z| of a voice's ordinary variation about its own median (a normal's mean absolute
+# deviation in SDs): what a measure that counts either way adds for a voice at its usual.
+ORDINARY_DEPARTURE = math.sqrt(2.0 / math.pi)
 
 
 def level_of(index: float) -> str:
@@ -80,9 +86,17 @@ class StressModel:
     # prosodic valence: per measure, on the same z, log-odds of strain (angry/fearful) over joy
     valence_weights: dict[str, float] = field(default_factory=dict)
     valence_weight: float = 0.0  # the share of those log-odds the index takes
+    # measures whose departure from the speaker's own counts either way: their weight is on |z|
+    either_way: frozenset[str] = frozenset()
     joy_labels: dict[str, float] = field(default_factory=dict)
     joy_weight: float = 0.0  # log-odds per unit of joy mass above baseline (a negative number)
     about: dict[str, Any] = field(default_factory=dict)
+
+    def departure(self, name: str, z: float) -> float:
+        """What a measure's z-score counts for, per unit of its weight: ``z``, or for a measure
+        that counts either way, how much further than usual it is from the speaker's own (|z|
+        less the ordinary |z|, so a voice at its usual adds nothing on average)."""
+        return abs(z) - ORDINARY_DEPARTURE if name in self.either_way else z
 
     @classmethod
     def load(cls, path: Path = MODEL_FILE) -> StressModel:
@@ -102,6 +116,7 @@ class StressModel:
             emotion_weight=float(data["emotion"]["weight"]),
             valence_weights={k: float(v) for k, v in valence.get("weights", {}).items()},
             valence_weight=float(valence.get("weight", 0.0)),
+            either_way=frozenset(data.get("either_way", ())),
             joy_labels={k: float(v) for k, v in joy.get("labels", {}).items()},
             joy_weight=float(joy.get("weight", 0.0)),
             offset=float(data["index"]["offset"]),
@@ -305,7 +320,8 @@ class StressScorer:
                     valence_log_odds += valence_weight * z
                 if weight == 0.0:
                     continue
-                log_odds += weight * z
+                departure = m.departure(name, z)
+                log_odds += weight * departure
                 components[name] = {
                     "value": round(value, 4),
                     "baseline": round(centre, 4),
@@ -313,8 +329,10 @@ class StressScorer:
                     "unit": MEASURES[name][1],
                     "z": round(z, 2),
                     "weight": weight,
-                    "points": round(m.scale * weight * z, 1),
+                    "points": round(m.scale * weight * departure, 1),
                 }
+                if name in m.either_way:
+                    components[name]["either_way"] = True  # points from m.departure
             if valence:
                 log_odds += m.valence_weight * valence_log_odds
                 components["prosodic_valence"] = {

@@ -329,7 +329,7 @@ function renderComponents(container, stress) {
       : "measures" in c
         ? `${Object.entries(c.measures).map(([k, z]) => `${COMPONENT_NAMES[k] || k} z ${z >= 0 ? "+" : ""}${fmt(z, 2)}`).join(", ")}`
       : "z" in c
-        ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)})`
+        ? `${measure(c.value, c.unit)} (baseline ${measure(c.baseline, c.unit, false)}, z ${c.z >= 0 ? "+" : ""}${fmt(c.z, 2)}${c.either_way ? ", counts either way" : ""})`
         : `${fmt(c.value * 100, 0)}% of the emotion distribution (usual ${fmt((c.baseline || 0) * 100, 0)}%)`;
     const width = Math.min(100, Math.abs(points) * 2);
     return el("div", { class: "comp-row", "data-component": name },

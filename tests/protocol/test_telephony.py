@@ -78,6 +78,7 @@ def test_narrowband_lowers_the_stress_confidence(server):
     call = stored_call(server, "CAnarrow")
     wide = client.of("emotion_result")
     client.close()
+
     # compared at the same baseline size: how many windows each baseline learned depends on
     # how each window scored, and the two channels score a little differently
     def best(frames: list[dict]) -> dict[int, float]:

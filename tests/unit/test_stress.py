@@ -114,6 +114,33 @@ def test_an_aroused_voice_scores_high_and_the_components_say_why():
     assert result.prosodic_index >= 75
 
 
+def test_loudness_counts_either_way_from_the_speakers_own_and_says_so():
+    model = default_model()
+    assert "loudness_phon" in model.either_way and model.weights["loudness_phon"] > 0
+    spread = model.prior["lower"]["loudness_phon"][1]
+    base = calm_voice()
+    usual = calibrated(smoothing=1.0).update(base, NEUTRAL, 1.0)
+    results = {
+        way: calibrated(smoothing=1.0).update(
+            dataclasses.replace(base, loudness_phon=base.loudness_phon + way * 3 * spread),
+            NEUTRAL,
+            1.0,
+        )
+        for way in (1, -1)
+    }
+    for way, result in results.items():  # raised or held back: the same departure
+        component = result.components["loudness_phon"]
+        assert component["either_way"] and math.copysign(1, component["z"]) == way
+        departure = abs(component["z"]) - math.sqrt(2 / math.pi)  # beyond ordinary variation
+        assert model.departure("loudness_phon", component["z"]) == pytest.approx(departure)
+        assert component["points"] == pytest.approx(
+            model.scale * model.weights["loudness_phon"] * departure, abs=0.2
+        )
+        assert result.prosodic_index > usual.prosodic_index + 10
+    assert results[1].raw_index == pytest.approx(results[-1].raw_index, abs=3)
+    assert "either_way" not in results[1].components["f0_mean_st"]  # higher pitch only
+
+
 def test_the_emotion_term_counts_only_above_the_speakers_usual():
     usual = calibrated(smoothing=1.0).update(calm_voice(), {"angry": 0.1}, 1.0)
     angry = calibrated(smoothing=1.0).update(calm_voice(), {"angry": 0.9, "fearful": 0.1}, 1.0)
@@ -126,7 +153,7 @@ def test_the_emotion_term_counts_only_above_the_speakers_usual():
 
 
 def test_joy_in_the_emotion_model_takes_points_away_above_the_speakers_usual():
-    voice = aroused(1.5)  # high enough that taking points away is not clipped at 0
+    voice = aroused(1.0)  # high enough that taking points away is not clipped at 0
     usual = calibrated(smoothing=1.0).update(voice, {"happy": 0.1}, 1.0)
     joyful = calibrated(smoothing=1.0).update(voice, {"happy": 0.9}, 1.0)
     component = joyful.components["emotion_valence"]
@@ -253,4 +280,5 @@ def test_espeak_stressed_speech_after_a_calm_baseline_scores_clearly_higher(tiny
         assert comps["f0_mean_st"]["z"] > 1.5  # espeak's -p: the pitch carries it
         top = max((k for k in comps if "z" in comps[k]), key=lambda k: comps[k]["points"])
         assert top == "f0_mean_st"
-        assert "loudness_phon" not in comps  # a level the channel sets: not weighed
+        loud = comps["loudness_phon"]  # weighed against the speaker's own level, either way
+        assert loud["either_way"] and loud["z"] > 0 and loud["points"] > 0  # -a 180 against 60
