@@ -162,6 +162,11 @@ class Baseline:
         self._joy = deque[float](maxlen=BASELINE_MAX)
         self.windows = 0  # windows learned
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` has a reference yet: a normative measure always does (the
+        population prior), one that depends on the channel only once this speaker gave it."""
+        return MEASURES[name][3] or bool(self._values[name])
+
     def voice(self, prosody: Prosody) -> str:
         f0 = self._values.get("f0_mean_st")
         pitch = float(np.median(f0)) if f0 else prosody.f0_mean_st
@@ -320,7 +325,8 @@ class StressScorer:
                     valence_log_odds += valence_weight * z
                 if weight == 0.0:
                     continue
-                departure = m.departure(name, z)
+                # a measure with no reference yet is compared with itself: it says nothing
+                departure = m.departure(name, z) if self.baseline.knows(name) else 0.0
                 log_odds += weight * departure
                 components[name] = {
                     "value": round(value, 4),

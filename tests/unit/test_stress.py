@@ -141,6 +141,15 @@ def test_loudness_counts_either_way_from_the_speakers_own_and_says_so():
     assert "either_way" not in results[1].components["f0_mean_st"]  # higher pitch only
 
 
+def test_a_loudness_with_no_reference_yet_counts_for_nothing():
+    first = StressScorer(smoothing=1.0).update(calm_voice(), NEUTRAL, 1.0)
+    assert first.calibrating and first.components["loudness_phon"]["points"] == 0.0
+    second = StressScorer(smoothing=1.0)
+    second.update(calm_voice(), NEUTRAL, 1.0)
+    loud = dataclasses.replace(calm_voice(), loudness_phon=calm_voice().loudness_phon + 10)
+    assert second.update(loud, NEUTRAL, 1.0).components["loudness_phon"]["points"] > 0
+
+
 def test_the_emotion_term_counts_only_above_the_speakers_usual():
     usual = calibrated(smoothing=1.0).update(calm_voice(), {"angry": 0.1}, 1.0)
     angry = calibrated(smoothing=1.0).update(calm_voice(), {"angry": 0.9, "fearful": 0.1}, 1.0)
