@@ -420,7 +420,7 @@ def target_z(model: StressModel, s: Session) -> np.ndarray | None:
             centre, spread = baseline.centre_spread(name, voice, value)
             z = (value - centre) / spread if math.isfinite(value) else 0.0
             z = float(np.clip(z, -model.z_clip, model.z_clip))
-            row.append(model.departure(name, z) if baseline.knows(name) else 0.0)
+            row.append(baseline.departure(name, z))
         zs.append(row)
     return np.mean(zs, axis=0) if zs else None
 

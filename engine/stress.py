@@ -162,10 +162,13 @@ class Baseline:
         self._joy = deque[float](maxlen=BASELINE_MAX)
         self.windows = 0  # windows learned
 
-    def knows(self, name: str) -> bool:
-        """Whether ``name`` has a reference yet: a normative measure always does (the
-        population prior), one that depends on the channel only once this speaker gave it."""
-        return MEASURES[name][3] or bool(self._values[name])
+    def departure(self, name: str, z: float) -> float:
+        """What ``name``'s z-score counts for against this baseline (``StressModel.departure``),
+        or nothing while it has no reference: a normative measure always has one (the population
+        prior), one that depends on the channel only once this speaker gave it; until then it is
+        compared with itself."""
+        known = MEASURES[name][3] or bool(self._values[name])
+        return self.model.departure(name, z) if known else 0.0
 
     def voice(self, prosody: Prosody) -> str:
         f0 = self._values.get("f0_mean_st")
@@ -325,8 +328,7 @@ class StressScorer:
                     valence_log_odds += valence_weight * z
                 if weight == 0.0:
                     continue
-                # a measure with no reference yet is compared with itself: it says nothing
-                departure = m.departure(name, z) if self.baseline.knows(name) else 0.0
+                departure = self.baseline.departure(name, z)
                 log_odds += weight * departure
                 components[name] = {
                     "value": round(value, 4),
@@ -338,7 +340,7 @@ class StressScorer:
                     "points": round(m.scale * weight * departure, 1),
                 }
                 if name in m.either_way:
-                    components[name]["either_way"] = True  # points from m.departure
+                    components[name]["either_way"] = True  # points from its departure
             if valence:
                 log_odds += m.valence_weight * valence_log_odds
                 components["prosodic_valence"] = {

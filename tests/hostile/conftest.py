@@ -110,13 +110,13 @@ class Healthy:
         self.outcome: tuple[list[dict], dict, list[dict]] | None = None
         self._stream_thread = threading.Thread(target=self._stream, name="healthy-stream")
         self._poller: subprocess.Popen[bytes] | None = None
-        # a file, not a pipe, that a long test never fills; closed in __exit__
-        self._out = tempfile.TemporaryFile()  # noqa: SIM115
 
     def _stream(self) -> None:
         self.outcome = stream_once(self.server.url, self.pcm, speed=3.0, token=self.token)
 
     def __enter__(self) -> Healthy:
+        # a file, not a pipe, that a long test never fills; closed in __exit__
+        self._out = tempfile.TemporaryFile()
         self._poller = subprocess.Popen(
             [sys.executable, "-c", POLLER, self.server.url + "/healthz"],
             stdout=self._out,
