@@ -141,6 +141,16 @@ def matmul_ceiling(dtype: str, threads: int, n: int = 2048) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
+def serving(model_dir: str, dtype: str, batch: int, lanes: int, cores: int) -> InferenceBatcher:
+    """The engine's serving path: an InferenceBatcher with ``lanes`` workers of
+    ``cores // lanes`` torch threads each."""
+    gc.collect()  # free the previous candidate's model first
+    model = load_model(model_dir, device="cpu", dtype=dtype, threads=cores)
+    return InferenceBatcher(
+        Lane(model, threads=max(1, cores // lanes)), max_batch=batch, max_wait_ms=5, lanes=lanes
+    )
+
+
 def candidate(
     model_dir: str,
     dtype: str,
@@ -150,13 +160,8 @@ def candidate(
     cores: int,
     repeats: int,
 ) -> dict[str, Any]:
-    """The engine's serving path: every window submitted to an InferenceBatcher at once, with
-    ``lanes`` workers of ``cores // lanes`` torch threads each."""
-    gc.collect()  # free the previous candidate's model first
-    model = load_model(model_dir, device="cpu", dtype=dtype, threads=cores)
-    batcher = InferenceBatcher(
-        Lane(model, threads=max(1, cores // lanes)), max_batch=batch, max_wait_ms=5, lanes=lanes
-    )
+    """Every window submitted to the serving path at once; the best of ``repeats`` runs."""
+    batcher = serving(model_dir, dtype, batch, lanes, cores)
 
     def run_all() -> np.ndarray:
         futures = [batcher.submit(w) for w in windows]
@@ -173,6 +178,24 @@ def candidate(
         "s_per_window": seconds / len(windows),
         "probs": probs,
     }
+
+
+def sustained(
+    model_dir: str, dtype: str, batch: int, lanes: int, windows: np.ndarray, seconds: float
+) -> float:
+    """Windows/s of the serving path kept busy for ``seconds`` (after a warm-up): what the engine
+    does over a load trial's length, where ``candidate``'s best short run is a peak."""
+    batcher = serving(model_dir, dtype, batch, lanes, os.cpu_count() or 1)
+    for f in [batcher.submit(w) for w in windows]:
+        f.result()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for f in [batcher.submit(w) for w in windows]:
+            f.result()
+        done += len(windows)
+    elapsed = time.perf_counter() - started
+    batcher.close()
+    return done / elapsed
 
 
 def main(argv: list[str] | None = None) -> int:

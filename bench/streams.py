@@ -24,10 +24,14 @@ every stream's coverage (lowest and mean), p95 and max latency, and the share of
 server dropped as expired. ``--burst`` runs one stream on the idle server that stalls 4.5 s after
 10 s, then sends the next 15 s at once: how many of the windows due in that burst are analysed.
 ``--engine-bound`` times the engine alone, on this machine in this run, in the configuration the
-server chose (dtype, batch, lanes) with every lane busy: engine windows/s ÷ due windows/s per
-stream is the most streams any server could carry here, so capacity ÷ that is the server's
-efficiency. Servers are started here with their default settings (voxaffect: ``voxaffect serve
---model M``, so dtype, batch and lanes are what it measures, or its cache holds).
+server chose (dtype, batch, lanes) with every lane busy, kept busy for 20 s like a load trial,
+twice: before the load trials (the server started, idle) and after them (every server stopped).
+This machine's speed drifts between minutes (a short best-of run measured 12.4-16.6 windows/s
+within one hour here), so the bound is the mean of the two and both are reported. Engine
+windows/s ÷ due windows/s per stream is the most streams any server could carry here, so
+capacity ÷ that is the server's efficiency. Servers are started here with their default settings
+(voxaffect: ``voxaffect serve --model M``, so dtype, batch and lanes are what it measures, or its
+cache holds).
 """
 
 from __future__ import annotations
@@ -256,20 +260,23 @@ def due_per_stream_s(seconds: float) -> float:
     return statistics.mean(counts) / seconds
 
 
-def engine_bound(model: str, dtype: str, batch: int, lanes: int) -> float:
-    """Windows/s of the engine alone in this configuration, every lane busy (bench/engine.py's
-    serving-path candidate), timed in a process of its own on the otherwise idle machine."""
+ENGINE_SECONDS = 20.0  # each engine-alone measurement: sustained, like a load trial
+
+
+def engine_bound(model: str, tuning: dict[str, Any]) -> float:
+    """Windows/s of the engine alone in the server's configuration, every lane busy, sustained
+    for ENGINE_SECONDS (bench/engine.py's serving path), in a process of its own."""
     code = (
-        "import json, os, sys\n"
-        "from bench.engine import candidate, speech_windows\n"
-        f"row = candidate({model!r}, {dtype!r}, {batch}, {lanes}, speech_windows(16), "
-        "os.cpu_count() or 1, 2)\n"
-        "print(json.dumps({'s_per_window': row['s_per_window']}))\n"
+        "import json\n"
+        "from bench.engine import speech_windows, sustained\n"
+        f"wps = sustained({model!r}, {tuning['dtype']!r}, {tuning['max_batch']}, "
+        f"{tuning['lanes']}, speech_windows(16), {ENGINE_SECONDS})\n"
+        "print(json.dumps({'windows_per_s': wps}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
-    return 1.0 / json.loads(out.strip().splitlines()[-1])["s_per_window"]
+    return float(json.loads(out.strip().splitlines()[-1])["windows_per_s"])
 
 
 def overload(url: str, seconds: float, capacity: int, log: list) -> list[dict[str, Any]]:
@@ -290,14 +297,16 @@ def passes(row: dict[str, Any], peer: bool) -> bool:
 
 
 def find_capacity(url: str, seconds: float, peer: bool, most: int, log: list) -> int:
-    """The largest N that meets the targets: doubling, then bisecting."""
-    good, bad, n = 0, None, 1
-    while bad is None and n <= most:
+    """The largest N up to ``most`` that meets the targets: doubling (the last step is ``most``
+    itself), then bisecting."""
+    good, bad = 0, None
+    while bad is None and good < most:
+        n = min(max(1, 2 * good), most)
         row = trial(url, n, seconds, peer)
         log.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         if passes(row, peer):
-            good, n = n, n * 2
+            good = n
         else:
             bad = n
     if bad is None:
@@ -377,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "bench.peer", "--model", args.model]
             servers.append(("peer", True, [*command, "--port", peer_port]))
     tuning: dict[str, Any] = {}
+    engine_runs: list[float] = []  # engine-alone windows/s, before and after the load trials
     for name, peer, target in servers:
         log: list[dict[str, Any]] = []
         entry: dict[str, Any] = {"trials": log, "capacity": None}
@@ -388,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             if not peer:
                 tuning = _info(url)["model"].get("tuning", {})
                 entry["tuning"] = tuning
+                if args.engine_bound and tuning:
+                    engine_runs.append(engine_bound(args.model, tuning))
                 if args.burst:
                     entry["burst"] = burst_trial(url)
                     print(json.dumps(entry["burst"]), file=sys.stderr, flush=True)
@@ -398,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log.append(trial(url, args.streams, args.seconds, peer))
         report["servers"][name] = entry
-    if args.engine_bound and tuning:
-        wps = engine_bound(args.model, tuning["dtype"], tuning["max_batch"], tuning["lanes"])
+    if engine_runs:
+        engine_runs.append(engine_bound(args.model, tuning))
+        wps = statistics.mean(engine_runs)
         per_stream = due_per_stream_s(args.seconds)
         bound = wps / per_stream
         report["engine"] = {
             "windows_per_s": round(wps, 2),
+            "runs_windows_per_s": [round(r, 2) for r in engine_runs],
             "due_windows_per_s_per_stream": round(per_stream, 3),
             "bound_streams": round(bound, 1),
         }
@@ -455,9 +469,11 @@ def format_report(report: dict[str, Any]) -> str:
             )
     if report.get("engine"):
         e = report["engine"]
+        runs = " and ".join(str(r) for r in e.get("runs_windows_per_s", []))
         lines.append(
-            f"engine alone: {e['windows_per_s']} windows/s ÷ {e['due_windows_per_s_per_stream']} "
-            f"due windows/s per stream = {e['bound_streams']} streams at most"
+            f"engine alone: {e['windows_per_s']} windows/s (mean of {runs}, before and after) "
+            f"÷ {e['due_windows_per_s_per_stream']} due windows/s per stream = "
+            f"{e['bound_streams']} streams at most"
         )
         if "efficiency" in e:
             lines.append(f"voxaffect capacity ÷ engine bound: {e['efficiency']:.0%}")
