@@ -102,11 +102,14 @@ class VadGate:
         frames = samples[: n * self.frame_samples].reshape(n, self.frame_samples)
         context = np.concatenate((self._history, samples[: n * self.frame_samples]))
         self._history = context[-_ANALYSIS_SAMPLES:].copy()
-        ends = _ANALYSIS_SAMPLES + self.frame_samples * np.arange(1, n + 1)
-        analysis = np.stack([context[e - _ANALYSIS_SAMPLES : e] for e in ends])
-        voiced = voicing(analysis) > _VOICING_THRESHOLD
         rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
         loud = 20 * np.log10(np.maximum(rms, 1e-10)) > _ENERGY_FLOOR_DBFS
+        voiced = np.zeros(n, dtype=bool)  # periodicity of the loud frames only: quiet ones lose
+        (candidates,) = np.nonzero(loud)
+        if candidates.size:
+            ends = _ANALYSIS_SAMPLES + self.frame_samples * (candidates + 1)
+            analysis = np.stack([context[e - _ANALYSIS_SAMPLES : e] for e in ends])
+            voiced[candidates] = voicing(analysis) > _VOICING_THRESHOLD
         pcm = (np.clip(frames, -1.0, 1.0) * 32767).astype("<i2")
         events: list[VadEvent] = []
         for i in range(n):
