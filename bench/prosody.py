@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from engine import SAMPLE_RATE
-from engine.prosody import MEASURES, _Extractor, measure
+from engine.prosody import MEASURES, Extractor, measure
 from tests.support.speech import silence, speech
 
 TEXTS = [
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             options={"frameModeFunctionalsConf": str(frames)},
         )
         measure(windows[0])  # the reused instances are built outside the timing
-        full = _Extractor(opensmile.FeatureSet.eGeMAPSv02)
+        full = Extractor(opensmile.FeatureSet.eGeMAPSv02)
         rows: list[dict[str, float]] = []
         per_window: list[Any] = []
         once = None

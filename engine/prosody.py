@@ -91,7 +91,7 @@ CONFIG = Path(__file__).with_name("prosody.conf")
 _local = threading.local()  # an openSMILE extractor per thread: it keeps state between calls
 
 
-class _Extractor:
+class Extractor:
     """``prosody.conf``'s eGeMAPS v02 functionals of one signal per call, from one openSMILE
     instance that is set up once and reset between calls. ``opensmile.Smile.process_signal``
     builds a new instance for every call: that set-up was half of a 2 s window's cost here
@@ -144,10 +144,10 @@ class _Extractor:
         return self._rows[0] if self._rows else np.full(len(self.columns), np.nan)
 
 
-def _extractor() -> _Extractor:
+def _extractor() -> Extractor:
     extractor = getattr(_local, "extractor", None)
     if extractor is None:
-        extractor = _local.extractor = _Extractor()
+        extractor = _local.extractor = Extractor()
     return extractor
 
 

@@ -104,7 +104,8 @@ class VadGate:
         self._history = context[-_ANALYSIS_SAMPLES:].copy()
         rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
         loud = 20 * np.log10(np.maximum(rms, 1e-10)) > _ENERGY_FLOOR_DBFS
-        voiced = np.zeros(n, dtype=bool)  # periodicity of the loud frames only: quiet ones lose
+        # periodicity of the loud frames only: a quiet frame is not speech whatever its pitch
+        voiced = np.zeros(n, dtype=bool)
         (candidates,) = np.nonzero(loud)
         if candidates.size:
             ends = _ANALYSIS_SAMPLES + self.frame_samples * (candidates + 1)
