@@ -18,11 +18,15 @@ once. So a catch-up burst on an idle server is analysed whole, and under load it
 are the first to go.
 
 Live requests are grouped by ``key`` (a track). A key's requests run in the order they came;
-across keys, the next request is the head of the key served longest ago (round robin; a key
-never served goes first, the earliest deadline first among those), so under overload every track
-thins evenly instead of first come, first served. Turns count service, not demand: a key whose
-window expired unserved keeps its place for the next turn (tie-breaking by deadline alone would
-hand every contest to the streams whose audio happens to arrive a few milliseconds earlier).
+across keys, the next request is the head of the key served least of late: the fewest windows
+over the last ``SERVICE_MEMORY_S`` or so, each weighing less as it ages (a key never served goes
+first), then the key served longest ago, then the earliest deadline. So under overload every
+track thins evenly instead of first come, first served. Turns count service, not demand: a key
+whose window expired unserved keeps its place for the next turn (tie-breaking by deadline alone
+would hand every contest to the streams whose audio happens to arrive a few milliseconds
+earlier), and a track that asks for less than its share gets all it asks. Only the last turn
+is not enough memory: calls speak and pause, and a track whose speech keeps starting just after
+its neighbours' would be served once a phase while they were served twice.
 ``utterance`` requests (a whole utterance, classified as one clip: engine/utterances.py) come
 next. They use spare capacity only: none runs while the live demand is above
 ``UTTERANCE_LIVE_SHARE`` of the capacity, nor within ``DEMAND_WINDOW_S`` of a live window
@@ -50,6 +54,7 @@ Device fallback and CPU threads are predictor wrappers (engine/fallback.py, engi
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
@@ -70,6 +75,7 @@ PRIORITIES = ("live", "utterance", "bulk")
 SERVICE_SAMPLES = 9  # recent batches the expected batch time is the median of
 PROBE_AFTER_S = 1.0  # no batch this long: the next window runs, however slow it looks
 DEMAND_WINDOW_S = 10.0  # live demand is measured over this much recent time
+SERVICE_MEMORY_S = 30.0  # a key's past service counts against its turns with this time constant
 KEY_IDLE_S = 10.0  # a key with nothing waiting for this long leaves the rotation
 LIVE_QUEUE_MAX = 512  # live windows waiting at most (64 MB of 2 s windows): beyond, the most
 # overdue goes; the deadlines keep the queue far shorter than this in any real load
@@ -154,11 +160,17 @@ class _Request:
 
 @dataclass(slots=True)
 class _Key:
-    """One key's waiting live requests, in order, and when it was last served."""
+    """One key's waiting live requests, in order, and how much and when it was last served."""
 
     waiting: deque[_Request] = field(default_factory=deque)
     turn: int = -1  # the batcher's count of takes when this key was last served; -1: never
     served_at: float = float("-inf")  # clock time of that take
+    service: float = 0.0  # windows served, each weighing exp(-age / SERVICE_MEMORY_S) at served_at
+
+    def recent_service(self, now: float) -> float:
+        if not self.service:
+            return 0.0
+        return self.service * math.exp((self.served_at - now) / SERVICE_MEMORY_S)
 
 
 class ServiceTime:
@@ -490,13 +502,15 @@ class InferenceBatcher:
         return finish <= min(head.deadline, *(r.deadline for r in batch))
 
     def _choose(self) -> Hashable:
-        """The key served longest ago among those waiting, then the earliest deadline."""
+        """Among the keys waiting, the one served least of late, then longest ago, then the one
+        with the earliest deadline."""
         best: Hashable = None
-        best_rank: tuple[int, float] | None = None
+        best_rank: tuple[float, int, float] | None = None
+        now = self._clock()
         for key, queue in self._keys.items():
             if not queue.waiting:
                 continue
-            rank = (queue.turn, queue.waiting[0].deadline)
+            rank = (queue.recent_service(now), queue.turn, queue.waiting[0].deadline)
             if best_rank is None or rank < best_rank:
                 best, best_rank = key, rank
         return best
@@ -504,6 +518,7 @@ class InferenceBatcher:
     def _take(self, key: Hashable) -> _Request:
         queue = self._keys[key]
         now = self._clock()
+        queue.service = queue.recent_service(now) + 1.0
         queue.turn, queue.served_at = self._turns, now
         self._turns += 1
         self._live -= 1
