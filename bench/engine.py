@@ -37,7 +37,7 @@ from engine.audio import resample
 from engine.batcher import InferenceBatcher
 from engine.funasr_compat import import_funasr, quiet_funasr
 from engine.lanes import Lane
-from engine.model import load_model
+from engine.model import load_model, traced_batch_sizes
 
 WINDOW_S = 2.0
 HOP_S = 1.0
@@ -142,10 +142,13 @@ def matmul_ceiling(dtype: str, threads: int, n: int = 2048) -> float:
 
 
 def serving(model_dir: str, dtype: str, batch: int, lanes: int, cores: int) -> InferenceBatcher:
-    """The engine's serving path: an InferenceBatcher with ``lanes`` workers of
+    """The engine's serving path, as the server builds it: the model traced for 2 s windows at
+    the batch sizes a server traces, in an InferenceBatcher with ``lanes`` workers of
     ``cores // lanes`` torch threads each."""
     gc.collect()  # free the previous candidate's model first
     model = load_model(model_dir, device="cpu", dtype=dtype, threads=cores)
+    torch.set_num_threads(max(1, cores // lanes))  # trace with the threads a lane will have
+    model.trace(traced_batch_sizes(batch), int(WINDOW_S * SAMPLE_RATE))
     return InferenceBatcher(
         Lane(model, threads=max(1, cores // lanes)), max_batch=batch, max_wait_ms=5, lanes=lanes
     )

@@ -37,7 +37,15 @@ DTYPES = ("fp32", "fp16", "bf16", "int8")
 MIN_WINDOW_SAMPLES = 400  # one 25 ms frame of the convolutional front end
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-__all__ = ["DTYPES", "EmotionModel", "ModelLoadError", "Prediction", "WindowAnswer", "load_model"]
+__all__ = [
+    "DTYPES",
+    "EmotionModel",
+    "ModelLoadError",
+    "Prediction",
+    "WindowAnswer",
+    "load_model",
+    "traced_batch_sizes",
+]
 
 
 @dataclass(slots=True)
@@ -351,6 +359,12 @@ class _Forward(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model._forward(wav)
+
+
+def traced_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a server traces (EmotionModel.trace) for its live windows: each up to 4
+    (under load, batches of every small size form) and ``max_batch``."""
+    return sorted({*range(1, min(max_batch, 4) + 1), max_batch})
 
 
 def resolve_device(device: str) -> str:

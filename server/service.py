@@ -23,7 +23,7 @@ from engine import SAMPLE_RATE
 from engine.batcher import InferenceBatcher
 from engine.fallback import CircuitBreaker, FallbackPredictor
 from engine.lanes import Lane, Predictor
-from engine.model import EmotionModel, load_model
+from engine.model import EmotionModel, load_model, traced_batch_sizes
 from engine.prosody import Prosody
 from engine.tuning import (
     SERVING_LOAD_SHARE,
@@ -154,7 +154,7 @@ class Service:
         if model.device.startswith("cuda") and settings.cpu_fallback:
             fallback = model.converted("fp32", device="cpu")
         window = round(settings.window_s * SAMPLE_RATE)
-        batches = sorted({*range(1, min(choice.max_batch, 4) + 1), choice.max_batch})
+        batches = traced_batch_sizes(choice.max_batch)
         traced = serving.trace(batches, window)  # with torch threads as one lane will have them
         if fallback is not None:
             fallback.trace(batches, window)
