@@ -24,8 +24,9 @@ every stream's coverage (lowest and mean), p95 and max latency, and the share of
 server dropped as expired. ``--burst`` runs one stream on the idle server that stalls 4.5 s after
 10 s, then sends the next 15 s at once: how many of the windows due in that burst are analysed.
 ``--engine-bound`` times the engine alone, on this machine in this run, in the configuration the
-server chose (dtype, batch, lanes; traced, as the server runs it) with every lane busy, kept busy for 20 s like a load trial,
-twice: before the load trials (the server started, idle) and after them (every server stopped).
+server chose (dtype, batch, lanes; traced, as the server runs it) with every lane busy, kept
+busy for 20 s like a load trial, twice: before the load trials (the server started, idle) and
+after them (every server stopped).
 This machine's speed drifts between minutes (a short best-of run measured 12.4-16.6 windows/s
 within one hour here), so the bound is the mean of the two and both are reported. Engine
 windows/s ÷ due windows/s per stream is the most streams any server could carry here, so
