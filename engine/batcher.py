@@ -168,9 +168,7 @@ class _Key:
     service: float = 0.0  # windows served, each weighing exp(-age / SERVICE_MEMORY_S) at served_at
 
     def recent_service(self, now: float) -> float:
-        if not self.service:
-            return 0.0
-        return self.service * math.exp((self.served_at - now) / SERVICE_MEMORY_S)
+        return self.service * math.exp((self.served_at - now) / SERVICE_MEMORY_S)  # never: 0
 
 
 class ServiceTime:
@@ -524,7 +522,8 @@ class InferenceBatcher:
         self._live -= 1
         request = queue.waiting.popleft()
         # A key keeps its place in the rotation while it is in use; one idle this long is
-        # forgotten (back, it goes first once, as a key never served does).
+        # forgotten (back, it starts afresh, as a key never served does: first, until its
+        # recent service catches up with the others').
         idle = [
             k for k, q in self._keys.items() if not q.waiting and q.served_at < now - KEY_IDLE_S
         ]
