@@ -45,6 +45,7 @@ import numpy as np
 from engine.audio import RAW_BYTES_PER_SAMPLE
 from engine.batcher import WindowExpired
 from engine.dynamics import SpeechLog, call_dynamics
+from engine.lanes import call_directly
 from engine.pipeline import StreamPipeline
 from engine.utterances import Utterance
 from engine.windowing import Window
@@ -95,6 +96,10 @@ FEED_MAX_BYTES = 1 << 20  # audio decoded in one go at most: 33 s of 16 kHz PCM1
 # taken in slices of this, so one session's catch-up never holds a decode thread for long
 INBOX_ITEM_BYTES = 256  # what one queued chunk costs beyond its audio: the inbox budget counts it
 COALESCE_BYTES = 16_384  # small raw chunks of a track join into pieces of up to this many bytes
+# A feed of up to this many bytes runs on the event loop: at most 2 s of audio at 16 kHz (G.711,
+# one byte per 8 kHz sample, upsampled), a few ms. The hop to a native thread and back costs more
+# CPU than such a feed itself (BENCHMARKS.md, where the time goes); a bigger one is offloaded.
+INLINE_FEED_BYTES = 16_384
 
 
 @dataclass(eq=False, slots=True)
@@ -328,11 +333,12 @@ class SessionRunner:
         received_at = parts[0].received_at  # latency counts from the first chunk: never understated
         data = [bytes(p.data) if isinstance(p.data, bytearray) else p.data for p in parts]
         pipeline = track.pipeline
+        run = call_directly if sum(map(_size, data)) <= INLINE_FEED_BYTES else self._runtime.offload
         try:
             if isinstance(data[0], np.ndarray):
-                fed, errors = self._runtime.offload(pipeline.feed_samples, np.concatenate(data)), []
+                fed, errors = run(pipeline.feed_samples, np.concatenate(data)), []
             else:
-                fed, errors = self._runtime.offload(pipeline.feed_chunks, data)
+                fed, errors = run(pipeline.feed_chunks, data)
         except Exception as exc:
             log.exception("feeding audio failed", extra={"session_id": self.session.id})
             self._publish(Error(self.session, "INVALID_AUDIO", f"could not process audio: {exc}"))

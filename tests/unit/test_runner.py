@@ -214,9 +214,9 @@ def test_file_analysis_waits_for_room_instead_of_dropping_windows():
 def test_a_full_inbox_refuses_more_audio_until_it_drains():
     runtime = HeldFeed()
     runner, rec = runner_for(FakeAnalyse(), inbox_max_bytes=64_000, runtime=runtime)
-    chunk = to_pcm16(talk(0.1))
-    runner.push(None, chunk)
+    runner.push(None, to_pcm16(talk(1.0)))  # over INLINE_FEED_BYTES: offloaded
     assert runtime.entered.wait(WAIT_S)  # the worker is decoding it, held
+    chunk = to_pcm16(talk(0.1))
     accepted = 0
     with pytest.raises(InboxFull):
         for _ in range(1000):
