@@ -4,9 +4,10 @@ CPU flags do not predict speed: one 2-core Xeon ran bf16 at half its fp32 matmul
 with AVX512-BF16 ran it 4x faster than fp32, and an AVX2-only EPYC emulates bf16 and fp16 in
 software. So ``tune`` measures: every dtype the device can run, on the same windows, then batch
 sizes and CPU lanes for the fastest one, a few windows each (seconds, not minutes), through the
-batcher exactly as the server runs it (every lane busy, each with its share of the threads). It
-keeps the fastest candidate whose probabilities stay within ``max_drift`` of fp32 on those windows
-and whose batch takes no longer than ``batch_budget_s`` (a window's latency includes its batch).
+batcher exactly as the server runs it: every lane busy, each with its share of the threads, on
+the traced pass the server compiles for that batch size. It keeps the fastest candidate whose
+probabilities stay within ``max_drift`` of fp32 on those windows and whose batch takes no longer
+than ``batch_budget_s`` (a window's latency includes its batch).
 A dtype clearly slower than the best so far after one warm-up batch is not timed further.
 
 It measures the machine as it serves, not as it idles: while serving, prosody, VAD, decoding and
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 CPU_DTYPES = ("fp32", "bf16", "fp16", "int8")
 GPU_DTYPES = ("fp16", "bf16", "fp32")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: candidates timed on the traced pass
 # The rest of the server at full load here — prosody workers, VAD, decoding, the event loop —
 # took about 0.4 of a core beside the model (BENCHMARKS.md, where the time goes).
 SERVING_LOAD_SHARE = 0.4
@@ -215,7 +216,9 @@ def _served(
     clock: Callable[[], float],
 ) -> tuple[float, float]:
     """(seconds per window, slowest batch in seconds) of the batcher running ``lanes`` lanes
-    of ``threads // lanes`` threads at ``batch``, every lane busy for two batches."""
+    of ``threads // lanes`` threads at ``batch``, every lane busy for two batches (eight windows
+    at least), on the pass the server compiles for that batch."""
+    _compile(model, batch, max(1, threads // lanes), x.shape[1])
     batcher = InferenceBatcher(
         Lane(model, threads=max(1, threads // lanes), offload=offload),
         max_batch=batch,
@@ -224,7 +227,7 @@ def _served(
         clock=clock,
     )
     try:
-        count = 2 * batch * lanes
+        count = max(2 * batch * lanes, 8)
         todo = np.concatenate([x] * -(-count // x.shape[0]))[:count]
         for f in [batcher.submit(w, priority="bulk") for w in todo[: batch * lanes]]:
             f.result()  # warm-up: every lane's first call sets up its kernels
@@ -234,6 +237,21 @@ def _served(
     finally:
         batcher.close()
     return seconds, max(r.inference_s for r in results)
+
+
+def _compile(model: Predictor, batch: int, threads: int, samples: int) -> None:
+    """Trace ``model``'s pass for this batch size (``EmotionModel.trace``) with a lane's torch
+    threads, as the server will run it: the traced pass ranks candidates differently from the
+    eager one (beside a busy core, eager batch 2 beat batch 1; traced, batch 1 was faster)."""
+    trace = getattr(model, "trace", None)
+    if trace is None:  # a predictor without a compiled pass runs as it is
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        trace([batch], samples)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tune(
@@ -281,12 +299,15 @@ def _tune(
         if warm_s > slow_factor * 3 * best_s:  # warm-up costs more, but not this much more
             candidates.append({"dtype": dtype, "ms_per_window": warm_s * 1000, "rejected": "slow"})
             continue
-        seconds, probs = timed(predictor, probe, probe)
-        drift = float(np.abs(probs - reference).max())
+        drift = float(np.abs(predictor.predict(x[:probe]).probs - reference).max())
+        # Timed as the server would run it at its most parallel: a dtype's speed in one eager lane
+        # beside a busy core says little about its traced pass in several (here int8 was half as
+        # fast as bf16 eager in one lane, and 1.27x as fast traced in two).
+        seconds, _ = _served(model, 1, max(lanes), threads, x, offload, clock)
         row = {
             "dtype": dtype,
-            "batch": probe,
-            "lanes": 1,
+            "batch": 1,
+            "lanes": max(lanes),
             "ms_per_window": seconds * 1000,
             "drift": drift,
         }
