@@ -114,6 +114,7 @@ class Store(Queries):
         self.dropped = 0
         self._closed = False
         self._writer: Any = None
+        self._commits: Any = runtime.native("queue").Queue()  # batches for the committer thread
 
     # --- start and stop ----------------------------------------------------------------------
 
@@ -123,6 +124,8 @@ class Store(Queries):
             applied = migrate(conn)
         if applied:
             log.info("store migrated", extra={"db": redacted(self.url), "applied": applied})
+        native = self._runtime.native("threading")
+        native.Thread(target=self._committer, name="voxaffect-store-commit", daemon=True).start()
         self._writer = self._runtime.spawn(self._run)
         return applied
 
@@ -288,6 +291,7 @@ class Store(Queries):
                 if closing:
                     break  # the database is gone and the process is stopping
             self._bound_buffer()
+        self._commits.put(None)  # the writer loop was the committer's only client
         self._idle.set()
 
     def _write_pending(self) -> bool:
@@ -326,19 +330,9 @@ class Store(Queries):
     def _commit_bounded(self, writes: list[_Write], batch: list[_Write]) -> None:
         """Commit ``writes``; if that takes longer than HAND_ON_AFTER_S, hand the batch on first
         (degraded) and then wait for the commit's outcome, which is raised as usual."""
-        native = self._runtime.native("threading")
-        done = native.Event()
+        done = self._runtime.native("threading").Event()
         outcome: dict[str, BaseException] = {}
-
-        def commit() -> None:
-            try:
-                self._commit(writes)
-            except BaseException as exc:  # raised by the writer below
-                outcome["error"] = exc
-            finally:
-                done.set()
-
-        native.Thread(target=commit, name="voxaffect-store-commit", daemon=True).start()
+        self._commits.put((writes, done, outcome))
         if not self._runtime.offload(done.wait, HAND_ON_AFTER_S):
             self._on_error("slow")
             if not self.degraded:
@@ -351,6 +345,18 @@ class Store(Queries):
             self._runtime.offload(done.wait)
         if "error" in outcome:
             raise outcome["error"]
+
+    def _committer(self) -> None:
+        """The native thread that runs the writer's commits, one batch at a time (a thread
+        started per batch cost the event loop a thread start per result)."""
+        while (job := self._commits.get()) is not None:
+            writes, done, outcome = job
+            try:
+                self._commit(writes)
+            except BaseException as exc:  # raised by the writer, in _commit_bounded
+                outcome["error"] = exc
+            finally:
+                done.set()
 
     def _commit(self, writes: list[_Write]) -> None:
         with self._db_lock, self._engine.begin() as conn:
