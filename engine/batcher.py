@@ -18,10 +18,13 @@ once. So a catch-up burst on an idle server is analysed whole, and under load it
 are the first to go.
 
 Live requests are grouped by ``key`` (a track). A key's requests run in the order they came;
-across keys, the next request is the head of the key served least of late: the fewest windows
-over the last ``SERVICE_MEMORY_S`` or so, each weighing less as it ages (a key never served goes
-first), then the key served longest ago, then the earliest deadline. So under overload every
-track thins evenly instead of first come, first served. Turns count service, not demand: a key
+across keys, while taking them in deadline order would answer every waiting request in time
+(at the expected batch time), the next is the one due first: then nothing need be shed, and a
+window that fits is never dropped for another's turn. Otherwise, when some must go, the next is
+the head of the key served least of late: the fewest windows over the last ``SERVICE_MEMORY_S``
+or so, each weighing less as it ages (a key never served goes first), then the key served
+longest ago, then the earliest deadline. So under overload every track thins evenly instead of
+first come, first served. Turns count service, not demand: a key
 whose window expired unserved keeps its place for the next turn (tie-breaking by deadline alone
 would hand every contest to the streams whose audio happens to arrive a few milliseconds
 earlier), and a track that asks for less than its share gets all it asks. Only the last turn
@@ -500,18 +503,29 @@ class InferenceBatcher:
         return finish <= min(head.deadline, *(r.deadline for r in batch))
 
     def _choose(self) -> Hashable:
-        """Among the keys waiting, the one served least of late, then longest ago, then the one
-        with the earliest deadline."""
-        best: Hashable = None
-        best_rank: tuple[float, int, float] | None = None
+        """The key whose head is due first, while deadline order answers every waiting window
+        in time (nothing need be shed, and that order is the one that keeps it so); when some
+        must go, the key served least of late, then longest ago, then due first."""
         now = self._clock()
-        for key, queue in self._keys.items():
-            if not queue.waiting:
-                continue
-            rank = (queue.recent_service(now), queue.turn, queue.waiting[0].deadline)
-            if best_rank is None or rank < best_rank:
-                best, best_rank = key, rank
-        return best
+        waiting = [(key, queue) for key, queue in self._keys.items() if queue.waiting]
+
+        def fair(queue: _Key) -> tuple[float, int, float]:
+            return (queue.recent_service(now), queue.turn, queue.waiting[0].deadline)
+
+        if self._all_in_time(now):
+            return min(waiting, key=lambda kq: (kq[1].waiting[0].deadline, fair(kq[1])))[0]
+        return min(waiting, key=lambda kq: fair(kq[1]))[0]
+
+    def _all_in_time(self, now: float) -> bool:
+        """Whether every waiting live window would be answered by its deadline if the lanes
+        took them in deadline order, one at a time at the expected time, the lanes now in the
+        model each busy for one more such time."""
+        step = self.service.expected(1)
+        deadlines = sorted(r.deadline for queue in self._keys.values() for r in queue.waiting)
+        return all(
+            now + ((i + self._busy) // self.lanes + 1) * step + self.slack_s <= deadline
+            for i, deadline in enumerate(deadlines)
+        )
 
     def _take(self, key: Hashable) -> _Request:
         queue = self._keys[key]
