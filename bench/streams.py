@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import shutil
 import socket
 import statistics
@@ -112,6 +113,7 @@ class Stream:
         self.latencies: list[float] = []
         self.results = 0
         self.summary: dict[str, Any] = {}
+        self.sent_all_at = math.nan
         self.client = StreamClient(url, on_result=self._result, timeout_s=60)
 
     @property
@@ -126,11 +128,17 @@ class Stream:
         self.results += 1
 
     def run(self) -> None:
+        """Stream the audio in real time, then end the session at once, as a call ends (the
+        last windows come due then: ending every stream after all had sent, one at a time,
+        measured the last ones' results from a chunk sent tens of seconds before)."""
         started = time.monotonic()
         for i, at in enumerate(range(0, len(self.pcm), 2 * CHUNK)):
             self.sent_at.append(time.monotonic())
             self.client.send(self.pcm[at : at + 2 * CHUNK])
             time.sleep(max(0.0, started + (i + 1) * CHUNK / SAMPLE_RATE - time.monotonic()))
+        self.sent_all_at = time.monotonic()
+        with contextlib.suppress(Exception):  # not ending in time: results not delivered
+            self.summary = self.client.end(timeout_s=120)
 
 
 def trial(url: str, streams: int, seconds: float, peer: bool) -> dict[str, Any]:
@@ -161,10 +169,7 @@ def trial(url: str, streams: int, seconds: float, peer: bool) -> dict[str, Any]:
         t.start()
     for t in threads:
         t.join()
-    sending_s = time.monotonic() - began
-    for s in runs:
-        with contextlib.suppress(Exception):  # not ending in time: results not delivered
-            s.summary = s.client.end(timeout_s=120)
+    sending_s = max(s.sent_all_at for s in runs) - began
     stop.set()
     ping_thread.join()
     for s in runs:
