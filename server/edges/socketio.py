@@ -152,19 +152,11 @@ def _sid() -> str:
 
 
 def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """ProtocolError (or any failure) -> an ``error`` event and the same error in the ack.
-    ``sid``: given where the caller knows it (the audio fast path, without a Flask request)."""
+    """ProtocolError (or any failure) -> an ``error`` event and the same error in the ack."""
 
     @functools.wraps(handler)
-    def wrapper(self: StreamNamespace, data: Any = None, sid: str | None = None) -> Any:
-        try:
-            return handler(self, data) if sid is None else handler(self, data, sid)
-        except ProtocolError as exc:
-            return self.report(exc, sid)
-        except Exception:
-            log.exception("handler failed", extra={"event": handler.__name__})
-            failure = ProtocolError("INVALID_MESSAGE", "the server could not handle this")
-            return self.report(failure, sid)
+    def wrapper(self: StreamNamespace, data: Any = None) -> Any:
+        return self.answered(handler.__name__, lambda: handler(self, data), _sid())
 
     return wrapper
 
@@ -222,20 +214,32 @@ class StreamNamespace(Namespace):
                 closed += 1
         return closed
 
-    def report(self, exc: ProtocolError, sid: str | None = None) -> dict[str, Any]:
+    def report(self, exc: ProtocolError, sid: str) -> dict[str, Any]:
         self.metrics.errors.labels(exc.code).inc()
         payload = exc.payload()
-        self.sio.emit("error", payload, to=sid or _sid())
+        self.sio.emit("error", payload, to=sid)
         return {"error": payload}
+
+    def answered(self, event: str, run: Callable[[], Any], sid: str) -> Any:
+        """``run()``'s answer, or its failure as an ``error`` event to ``sid`` and in the ack."""
+        try:
+            return run()
+        except ProtocolError as exc:
+            return self.report(exc, sid)
+        except Exception:
+            log.exception("handler failed", extra={"event": event})
+            failure = ProtocolError("INVALID_MESSAGE", "the server could not handle this")
+            return self.report(failure, sid)
 
     def trigger_event(self, event: str, *args: Any) -> Any:
         """Audio chunks, nearly every message, go straight to their handler: Flask-SocketIO
         builds a Flask request context around every event (routing the URL, the session), a
-        tenth of the event loop's work at load (py-spy, 20 streams). Every other event, and an
-        ``audio_stream`` without exactly one argument, goes the usual way."""
+        tenth of the event loop's work at load (py-spy, 20 streams). The sid is python-socketio's,
+        never the client's. Every other event, and an ``audio_stream`` without exactly one
+        argument, goes the usual way."""
         if event == "audio_stream" and len(args) == 2:
             sid, data = args
-            return self.on_audio_stream(data, sid)
+            return self.answered(event, lambda: self.audio_stream(sid, data), sid)
         return super().trigger_event(event, *args)
 
     # --- connections -------------------------------------------------------------------------
@@ -370,8 +374,11 @@ class StreamNamespace(Namespace):
         )
 
     @guarded
-    def on_audio_stream(self, data: Any, sid: str | None = None) -> None:
-        sid = sid or _sid()
+    def on_audio_stream(self, data: Any) -> None:
+        """An ``audio_stream`` the fast path (``trigger_event``) did not take."""
+        self.audio_stream(_sid(), data)
+
+    def audio_stream(self, sid: str, data: Any) -> None:
         s = self.settings
         session_id, raw = parse_chunk(data, s.max_chunk_bytes)
         handing_off = self.registry.get(session_id)

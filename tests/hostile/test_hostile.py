@@ -92,6 +92,29 @@ def test_a_session_id_is_never_reused_and_an_ended_room_hears_nothing(hostile, h
     b.close()
 
 
+def test_a_client_cannot_speak_for_another_connection_by_naming_its_sid(hostile, healthy):
+    """Audio skips Flask's request context on a fast path that takes the sid from
+    python-socketio: a second argument a client adds (another connection's sid) is never
+    taken for it, nor made the address of an error."""
+    server, _ = hostile
+    with healthy:
+        owner = Recorder(server.url)
+        session_id = owner.start()["session_id"]
+        intruder = Recorder(server.url)
+        victim = owner.sio.get_sid("/")
+        chunk = to_pcm16(speech()[:16000])
+        for event in ("audio_stream", "subscribe", "end_session"):
+            intruder.sio.emit(event, ({"session_id": session_id, "chunk": chunk}, victim))
+        intruder.send(session_id, chunk)  # the usual form: someone else's session
+        wait_for(lambda: intruder.errors(), 10, "the intruder's own error")
+        summary = owner.end(session_id)
+    assert summary["duration_s"] == 0.0  # not one sample of the intruder's reached it
+    assert owner.errors() == []
+    assert {e["code"] for e in intruder.errors()} <= {"UNAUTHORIZED", "INVALID_MESSAGE"}
+    owner.close()
+    intruder.close()
+
+
 def test_a_catch_up_burst_loses_no_window_to_the_ring_buffer(hostile, healthy):
     server, _ = hostile
     pcm = to_pcm16(np.tile(speech(), 3)[: 16 * 16000])
