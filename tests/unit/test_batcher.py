@@ -285,17 +285,24 @@ def test_a_burst_on_an_idle_server_is_analysed_whole_its_windows_due_a_service_t
     batcher.close()
 
 
-def test_a_burst_beside_other_work_is_analysed_whole_when_deadline_order_fits_it_all():
+def burst_beside_other_work(other_due: float):
+    """One lane, 0.25 s a window, busy until 0.25 s; then 4 windows of "other" due by
+    ``other_due`` (each next one a service time later) and a burst of 6 due by 1.0 s."""
     clock = Clock()
     model = TimedModel(clock, seconds=0.25)
     batcher = InferenceBatcher(
         model, max_batch=1, max_wait_ms=0, seconds_per_window=0.25, clock=clock
     )
     model.hold, model.release = True, threading.Event()
-    held(model, batcher)  # busy until 0.25 s
-    other = [batcher.submit(window(0.9), deadline=2.0, key="other") for _ in range(4)]
+    held(model, batcher)
+    other = [batcher.submit(window(0.9), deadline=other_due, key="other") for _ in range(4)]
     burst = [batcher.submit(window(0.1), deadline=1.0, key="burst") for _ in range(6)]
     model.release.set()
+    return model, batcher, other, burst
+
+
+def test_a_burst_beside_other_work_is_analysed_whole_when_deadline_order_fits_it_all():
+    model, batcher, other, burst = burst_beside_other_work(other_due=2.0)
     # Due by 1.0, 1.25, ... 2.25 (burst) and 2.0 ... 2.75 (other): taken in deadline order
     # from 0.25 s, every one of the ten ends in time, so none is dropped for another's turn
     # (turn by turn, the burst's fourth and sixth would have expired).
@@ -305,16 +312,7 @@ def test_a_burst_beside_other_work_is_analysed_whole_when_deadline_order_fits_it
 
 
 def test_under_overload_a_burst_takes_turns_and_what_cannot_fit_expires():
-    clock = Clock()
-    model = TimedModel(clock, seconds=0.25)
-    batcher = InferenceBatcher(
-        model, max_batch=1, max_wait_ms=0, seconds_per_window=0.25, clock=clock
-    )
-    model.hold, model.release = True, threading.Event()
-    held(model, batcher)  # busy until 0.25 s
-    other = [batcher.submit(window(0.9), deadline=1.0, key="other") for _ in range(4)]
-    burst = [batcher.submit(window(0.1), deadline=1.0, key="burst") for _ in range(6)]
-    model.release.set()
+    model, batcher, other, burst = burst_beside_other_work(other_due=1.0)
     outcomes = [outcome(f) for f in other + burst]
     # Ten windows due by 1.0-2.25 s cannot all be answered from 0.25 s: the tracks take turns
     # while both wait (the burst does not starve the other track, nor it the burst), and what
